@@ -1,0 +1,60 @@
+"""The ``posttrain`` command. Each subcommand is a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain.errors import PosttrainError
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    """Register ``fn(args)`` as a subcommand; ``fn.configure(parser)`` adds its flags."""
+    def wrap(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from posttrain import __version__
+    from posttrain.cli import commands  # noqa: F401  (registers the subcommands)
+
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-train causal LMs on grade-school math: eval, sft, rl, pipeline.",
+    )
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        fn.configure(p)
+        p.set_defaults(_run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except PosttrainError as e:
+        print(f"posttrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    from posttrain.cli.main import main as _main  # the registry lives in the imported module
+
+    sys.exit(_main())

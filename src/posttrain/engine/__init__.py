@@ -1,0 +1,27 @@
+"""Generation: model loading, the HF-generate engine and posttrain's fast engine."""
+
+from posttrain.engine.base import Completion, Engine, SamplingParams
+from posttrain.engine.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+__all__ = ["Completion", "Engine", "SamplingParams", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "make_engine"]
+
+
+def make_engine(name: str, model, tokenizer, batch_size: int = 16) -> Engine:
+    """``hf`` (HF generate), ``fast`` (ours; falls back to hf for unsupported models) or ``auto``."""
+    from posttrain.engine.hf import HFEngine
+    from posttrain.errors import PosttrainError
+
+    if name == "hf":
+        return HFEngine(model, tokenizer, batch_size)
+    if name in ("fast", "auto"):
+        try:
+            from posttrain.engine.fast import FastEngine, supports
+        except ImportError:
+            return HFEngine(model, tokenizer, batch_size)
+        ok, why = supports(model)
+        if ok:
+            return FastEngine(model, tokenizer, batch_size)
+        if name == "fast":
+            print(f"note: fast engine does not support this model ({why}); using HF generate")
+        return HFEngine(model, tokenizer, batch_size)
+    raise PosttrainError(f"unknown engine {name!r}; choose fast, hf or auto")

@@ -1,0 +1,102 @@
+"""The generation interface shared by the HF-generate path and our fast engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.errors import PosttrainError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 300
+    """Most tokens generated per completion (the seed's 300)."""
+    temperature: float = 0.0
+    """0 means greedy decoding; > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    n: int = 1
+    """Completions per prompt (a GRPO group, or samples for pass@k)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation ends once one appears; the text is cut before it."""
+    seed: int | None = None
+    """Seed for sampling, for reproducible runs."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks only)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise PosttrainError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PosttrainError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PosttrainError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise PosttrainError(f"the number of samples per prompt must be >= 1, got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    """Index of the prompt this completion answers."""
+    token_ids: list[int]
+    """Generated tokens: up to and including EOS, or up to the token that completed a stop string."""
+    text: str
+    """Decoded completion without special tokens, cut before any stop string."""
+    finish_reason: str
+    """``eos``, ``stop`` (a stop string) or ``length`` (hit max_new_tokens)."""
+    logprobs: list[float] | None = None
+    """Log-probability of each generated token under softmax(logits / temperature) (T=1 if greedy)."""
+
+
+def finish(tokenizer, prompt_index: int, tokens: list[int], eos_ids: set[int], stop: list[str],
+           logprobs: list[float] | None, ignore_eos: bool = False) -> Completion:
+    """Cut raw generated tokens at the first EOS or stop string and decode them."""
+    reason = "length"
+    if not ignore_eos:
+        for i, t in enumerate(tokens):
+            if t in eos_ids:
+                tokens, reason = tokens[: i + 1], "eos"
+                break
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if stop:
+        hits = [(text.find(s), s) for s in stop if s and s in text]
+        if hits:
+            cut = min(hits)[0]
+            text = text[:cut]
+            # Keep the tokens up to the one that completed the stop string.
+            for i in range(1, len(tokens) + 1):
+                if len(tokenizer.decode(tokens[:i], skip_special_tokens=True)) > cut:
+                    tokens = tokens[:i]
+                    break
+            reason = "stop"
+    if logprobs is not None:
+        logprobs = logprobs[: len(tokens)]
+    return Completion(prompt_index, list(tokens), text, reason, logprobs)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """All ids that end a completion: the tokenizer's EOS and the model's generation_config EOS list."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(x) for x in gen_eos)
+    return ids
+
+
+class Engine:
+    """Generates completions for tokenized prompts."""
+
+    name = "engine"
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
+        """Completions ordered prompt by prompt: [p0 s0, p0 s1, …, p1 s0, …]."""
+        raise NotImplementedError

@@ -1,0 +1,80 @@
+"""Generation through HF ``generate``: left padding, attention mask, batching, stop strings.
+
+HF computes position ids from the attention mask, so a left-padded row sees the same positions it
+would alone: greedy results do not depend on batch size (tests/test_engine.py checks it).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.engine.base import Completion, Engine, SamplingParams, eos_token_ids, finish
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``input_ids`` [B, T] and ``attention_mask`` [B, T]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, cache_implementation: str | None = None):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.cache_implementation = cache_implementation
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
+        tok, model = self.tokenizer, self.model
+        eos_ids = eos_token_ids(model, tok)
+        device = next(model.parameters()).device
+        # Each (prompt, sample) pair is one row; rows sorted by prompt length waste less on padding.
+        rows = [(i, s) for i in range(len(prompts)) for s in range(params.n)]
+        order = sorted(range(len(rows)), key=lambda r: len(prompts[rows[r][0]]))
+        out: list[Completion | None] = [None] * len(rows)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        bar = tqdm(total=len(rows), desc=f"generate[{self.name}]", disable=not progress, unit="seq")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = [prompts[rows[r][0]] for r in chunk]
+            input_ids, attn = left_pad(batch, tok.pad_token_id, device)
+            kwargs = dict(
+                max_new_tokens=params.max_new_tokens,
+                do_sample=not params.greedy,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=None if params.ignore_eos else sorted(eos_ids),
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            if not params.greedy:
+                kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            if params.ignore_eos:
+                kwargs["min_new_tokens"] = params.max_new_tokens
+            if params.stop:
+                kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+            if self.cache_implementation:
+                kwargs["cache_implementation"] = self.cache_implementation
+            res = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
+            new = res.sequences[:, input_ids.shape[1]:]
+            # Log-probs of the chosen tokens under softmax(logits / T): what the sampler drew from.
+            logits = torch.stack(res.logits, dim=1).float()  # [B, T_new, V]
+            if not params.greedy:
+                logits = logits / params.temperature
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None]).squeeze(-1)
+            new, lp = new.tolist(), lp.tolist()
+            for k, r in enumerate(chunk):
+                out[r] = finish(tok, rows[r][0], new[k], eos_ids, params.stop, lp[k], params.ignore_eos)
+            bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]

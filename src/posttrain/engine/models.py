@@ -1,0 +1,90 @@
+"""Loading causal LMs and tokenizers from the hub or local folders, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import PosttrainError
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` picks this process's CUDA device when present (LOCAL_RANK-aware), else CPU."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PosttrainError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp32 (CPU bf16 matmuls are slow and inexact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise PosttrainError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def _not_found(name: str, e: Exception) -> PosttrainError:
+    hint = "pass a local folder that holds config.json and weights (e.g. --model models/nano-gsm)"
+    if Path(name).exists():
+        return PosttrainError(f"could not load model from {name}: {str(e).splitlines()[0][:200]}")
+    return PosttrainError(
+        f"model {name!r} is not a local folder and could not be fetched from the hub "
+        f"(offline, a typo, or a gated repo without HF_TOKEN); {hint}"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    """Tokenizer with a pad token (falls back to EOS, as the seeds do) and the given padding side."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise PosttrainError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+               trust_remote_code: bool = False, quantization_config=None, attn_implementation: str | None = "sdpa"):
+    """Any HF causal LM by hub id or local folder, on ``device`` in ``dtype``, in eval mode.
+
+    The hub token comes from HF_TOKEN or the usual ``hf auth login`` cache through huggingface_hub;
+    posttrain never reads, prints or stores it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    kwargs = dict(dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from None
+    if quantization_config is None:
+        model.to(dev)
+    model.eval()
+    return model

@@ -1,0 +1,212 @@
+"""The evaluation harness: prompts from a task, completions from an engine, grades from the task.
+
+Used by ``posttrain eval``, by the trainers' periodic evaluation and by the pipeline, so every stage
+is measured the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.engine.base import Engine, SamplingParams
+from posttrain.tasks.sources import Example
+from posttrain.tasks.task import Task
+from posttrain.utils import atomic_write, write_json
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion k/n (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    """Aggregate metrics (accuracy, strict_accuracy, n, …)."""
+    records: list[dict] = field(default_factory=list)
+    """One record per question."""
+
+    def save(self, output: str | Path) -> None:
+        """Write ``summary.json`` and ``records.jsonl`` (each atomically) into ``output``."""
+        output = Path(output)
+        with atomic_write(output / "records.jsonl") as f:
+            for r in self.records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_json(output / "summary.json", self.summary)
+
+
+def evaluate(task: Task, examples: list[Example], engine: Engine, tokenizer, params: SamplingParams,
+             progress: bool = True) -> EvalResult:
+    """Generate for every example (``params.n`` samples each), grade, aggregate."""
+    prompts_text = [task.prompt_text(ex, tokenizer) for ex in examples]
+    prompts = [task.encode_prompt(ex, tokenizer) for ex in examples]
+    t0 = time.perf_counter()
+    completions = engine.generate(prompts, params, progress=progress)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    k = params.n
+    records, lens, reasons = [], [], Counter()
+    n_correct = n_strict = n_pass = n_maj = 0
+    for i, ex in enumerate(examples):
+        group = completions[i * k:(i + 1) * k]
+        grades = [task.grade(c.text, ex) for c in group]
+        for c in group:
+            lens.append(len(c.token_ids))
+            reasons[c.finish_reason] += 1
+        n_correct += sum(g.correct for g in grades)
+        n_strict += sum(g.strict_correct for g in grades)
+        n_pass += any(g.correct for g in grades)
+        votes = Counter(g.pred for g in grades if g.pred is not None)
+        majority = votes.most_common(1)[0][0] if votes else None
+        n_maj += bool(majority is not None and task.grade(f"#### {majority}", ex).correct)
+        first, g0 = group[0], grades[0]
+        rec = {
+            "id": ex.id, "question": ex.question, "prompt": prompts_text[i], "generation": first.text,
+            "pred": g0.pred, "gold": ex.numeric_answer, "correct": g0.correct, "strict_correct": g0.strict_correct,
+            "gen_len": len(first.token_ids), "stopped": first.finish_reason != "length",
+            "finish_reason": first.finish_reason,
+        }
+        if k > 1:
+            rec["samples"] = [{"generation": c.text, "pred": g.pred, "correct": g.correct} for c, g in zip(group, grades)]
+            rec["pass"] = any(g.correct for g in grades)
+            rec["majority"] = majority
+        records.append(rec)
+    total = max(1, len(completions))
+    n = len(examples)
+    acc = n_correct / total
+    lo, hi = wilson_interval(n_correct, total)
+    summary = {
+        "n": n,
+        "samples_per_question": k,
+        "accuracy": acc,
+        "strict_accuracy": n_strict / total,
+        "ci95": [lo, hi],
+        "eos_rate": reasons["eos"] / total,
+        "stop_string_rate": reasons["stop"] / total,
+        "truncation_rate": reasons["length"] / total,
+        "mean_gen_len": statistics.fmean(lens) if lens else 0.0,
+        "median_gen_len": statistics.median(lens) if lens else 0.0,
+        "generated_tokens": sum(lens),
+        "seconds": elapsed,
+        "tokens_per_s": sum(lens) / elapsed,
+        "engine": engine.name,
+        "task": task.name,
+        "prompt": task.template.name,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+    }
+    if k > 1:
+        summary[f"pass@{k}"] = n_pass / max(1, n)
+        summary[f"maj@{k}"] = n_maj / max(1, n)
+    return EvalResult(summary, records)
+
+
+def format_summary(summary: dict) -> str:
+    """A small aligned table of the headline metrics."""
+    rows = [
+        ("n", f"{summary['n']}"),
+        ("accuracy (flexible)", f"{summary['accuracy']:.4f}  [95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}]"),
+        ("strict accuracy", f"{summary['strict_accuracy']:.4f}"),
+    ]
+    for key in summary:
+        if key.startswith(("pass@", "maj@")):
+            rows.append((key, f"{summary[key]:.4f}"))
+    rows += [
+        ("EOS-stop rate", f"{summary['eos_rate']:.1%}"),
+        ("truncation rate", f"{summary['truncation_rate']:.1%}"),
+        ("gen length mean/median", f"{summary['mean_gen_len']:.1f} / {summary['median_gen_len']:.0f}"),
+        ("tokens/s", f"{summary['tokens_per_s']:.1f}  ({summary['engine']} engine, {summary['seconds']:.1f}s)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+@dataclass
+class EvalConfig:
+    model: str = "models/nano-gsm"
+    """Hub id or local folder of the model to evaluate."""
+    task: str = "gsm_symbolic"
+    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
+    data_dir: str | None = None
+    """Folder with OpenAI's GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
+    split: str = "test"
+    """Which split to evaluate."""
+    limit: int | None = None
+    """Evaluate only the first N problems."""
+    prompt_style: str = "plain"
+    """plain, chat, fewshot, or a template name such as gsm8k_plain_v1."""
+    fewshot: int = 0
+    """Worked examples before each question (fewshot style; 5 when the style is fewshot and this is 0)."""
+    max_new_tokens: int = 300
+    """Most tokens generated per answer (the seed's 300)."""
+    batch_size: int = 16
+    """Prompts generated together."""
+    num_samples: int = 1
+    """Samples per question; > 1 reports pass@k and maj@k (needs temperature > 0)."""
+    temperature: float = 0.0
+    """0 = greedy (the default for evaluation); > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold when sampling."""
+    stop: list[str] | None = None
+    """Stop strings (repeatable); defaults to the prompt template's own."""
+    engine: str = "auto"
+    """fast (ours), hf (HF generate) or auto (fast where supported)."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    seed: int = 0
+    """Sampling seed."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code (off unless you trust the repo)."""
+    output: str | None = None
+    """Folder for summary.json and records.jsonl."""
+    show_samples: int = 3
+    """How many sample generations to print."""
+
+    def __post_init__(self):
+        from posttrain.errors import PosttrainError
+
+        for name in ("batch_size", "num_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise PosttrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise PosttrainError(f"--limit must be >= 1, got {self.limit}")
+        if self.num_samples > 1 and self.temperature == 0:
+            raise PosttrainError("--num-samples > 1 needs sampling: set --temperature > 0 (e.g. 0.7)")
+
+    def sampling(self, task: Task) -> SamplingParams:
+        stop = self.stop if self.stop is not None else task.stop_strings
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.num_samples, list(stop), self.seed)
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> EvalResult:
+    """Load (unless given) the model, evaluate ``cfg.task``, save to ``cfg.output`` if set."""
+    from posttrain.engine import load_model, load_tokenizer, make_engine
+    from posttrain.tasks import make_task
+
+    task = make_task(cfg.task, prompt_style=cfg.prompt_style, fewshot=cfg.fewshot, data_dir=cfg.data_dir)
+    examples = task.examples(cfg.split, cfg.limit)
+    params = cfg.sampling(task)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    if model is None:
+        model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    engine = make_engine(cfg.engine, model, tokenizer, cfg.batch_size)
+    result = evaluate(task, examples, engine, tokenizer, params, progress=progress)
+    result.summary["model"] = cfg.model
+    if cfg.output:
+        result.save(cfg.output)
+    return result

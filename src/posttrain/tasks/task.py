@@ -1,0 +1,116 @@
+"""A task owns a problem source, a prompt template, answer extraction and grading.
+
+Evaluation, SFT and RL all go through the same task object, so the format SFT teaches is the format
+evaluation grades and RL rewards (the reward *is* the evaluation grader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.errors import PosttrainError
+from posttrain.tasks.grading import Grade, grade
+from posttrain.tasks.prompts import PromptTemplate, get_prompt
+from posttrain.tasks.sources import GSM8K, Example, GSMSymbolic, Source, TableFile
+
+
+@dataclass
+class Task:
+    source: Source
+    """Where the problems come from."""
+    template: PromptTemplate
+    """How problems become prompts and solutions become targets."""
+    fewshot: int = 0
+    """Number of worked train examples placed before the question (fewshot style)."""
+
+    def __post_init__(self):
+        if self.fewshot < 0:
+            raise PosttrainError(f"--fewshot must be >= 0, got {self.fewshot}")
+        if self.template.style == "fewshot" and self.fewshot == 0:
+            self.fewshot = 5
+        self._shots: list[Example] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.template.stop)
+
+    def examples(self, split: str, limit: int | None = None) -> list[Example]:
+        rows = self.source.load(split)
+        if not rows:
+            raise PosttrainError(f"task {self.name!r} has no {split} examples")
+        return rows[:limit] if limit else rows
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def _fewshot_block(self) -> str:
+        if self._shots is None:
+            # The first k train problems with worked solutions: fixed, so results are reproducible.
+            self._shots = [e for e in self.source.load("train") if e.response][: self.fewshot]
+        t = self.template
+        return "".join(t.question_format.format(question=e.question) + self.target(e) + "\n\n" for e in self._shots)
+
+    def prompt_text(self, ex: Example, tokenizer=None) -> str:
+        """The prompt as text (chat style renders the tokenizer's chat template)."""
+        t = self.template
+        if t.style == "plain":
+            return t.instruction + t.question_format.format(question=ex.question)
+        if t.style == "fewshot":
+            return self._fewshot_block() + t.question_format.format(question=ex.question)
+        if t.style == "chat":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise PosttrainError("the chat prompt style needs a tokenizer with a chat template; use --prompt-style plain or fewshot")
+            messages = [{"role": "system", "content": t.instruction}, {"role": "user", "content": t.question_format.format(question=ex.question)}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        raise PosttrainError(f"unknown prompt style {t.style!r}")
+
+    def encode_prompt(self, ex: Example, tokenizer) -> list[int]:
+        """Prompt token ids. Chat templates carry their own BOS; other styles get the tokenizer's."""
+        text = self.prompt_text(ex, tokenizer)
+        add_special = self.template.style != "chat"
+        return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def target(self, ex: Example) -> str:
+        """The SFT target (worked solution in this template's answer format), without EOS."""
+        if not ex.response:
+            raise PosttrainError(f"example {ex.id} has no worked solution to train on")
+        return self.template.target_format.format(
+            reasoning=ex.reasoning, reasoning_oneline=" ".join(ex.reasoning.split()), answer=ex.numeric_answer
+        )
+
+    # -- grading -----------------------------------------------------------------------------------
+    def grade(self, completion: str, ex_or_answer: Example | str) -> Grade:
+        gold = ex_or_answer.numeric_answer if isinstance(ex_or_answer, Example) else ex_or_answer
+        return grade(completion, gold)
+
+
+TASKS = {
+    "gsm8k": lambda a: GSM8K(a.get("data_dir")),
+    "gsm_symbolic": lambda a: GSMSymbolic(
+        seed=a.get("task_seed", 0), train_size=a.get("train_size") or 20000, test_size=a.get("test_size") or 1000
+    ),
+}
+
+
+def make_task(
+    name: str,
+    *,
+    prompt_style: str = "plain",
+    fewshot: int = 0,
+    data_dir: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    solution_field: str | None = None,
+    **source_args,
+) -> Task:
+    """Build a task by name: ``gsm8k``, ``gsm_symbolic``, a file path (``.jsonl/.csv/.parquet``) or ``hf:org/name``."""
+    source_args["data_dir"] = data_dir
+    if name in TASKS:
+        source = TASKS[name](source_args)
+    elif name.startswith("hf:") or name.endswith((".jsonl", ".json", ".csv", ".parquet")):
+        source = TableFile(name, question_field, answer_field, solution_field)
+    else:
+        raise PosttrainError(f"unknown task {name!r}; choose gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file or hf:org/dataset")
+    return Task(source, get_prompt(prompt_style), fewshot)
