@@ -199,3 +199,47 @@ def _configure_grade(p):
 
 
 cmd_grade.configure = _configure_grade
+
+
+# ----------------------------------------------------------------------------------------- sft --
+@command("sft", "Supervised fine-tuning with a prompt-masked loss (LoRA, QLoRA or full).")
+def cmd_sft(args):
+    from posttrain.trainers.sft import SFTConfig, train
+
+    cfg = config_from_args(SFTConfig, args, args.config)
+    final = train(cfg)
+    print(f"done: step {final.get('step')}, model in {cfg.output}")
+
+
+def _configure_sft(p):
+    from posttrain.trainers.sft import SFTConfig
+
+    p.add_argument("--config", help="YAML file of options (CLI flags override it), e.g. configs/sft_llama32_1b.yaml")
+    add_dataclass_args(p, SFTConfig)
+
+
+cmd_sft.configure = _configure_sft
+
+
+# --------------------------------------------------------------------------------------- merge --
+@command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
+def cmd_merge(args):
+    from posttrain.trainers.export import merge_adapter
+    from posttrain.trainers.sft import push_folder
+
+    out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
+    print(f"merged {args.adapter} -> {out}")
+    if args.push_to_hub:
+        push_folder(out, args.push_to_hub)
+
+
+def _configure_merge(p):
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. the output of posttrain sft)")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
+    p.add_argument("--dtype", default="auto", help="dtype to merge and save in (default: auto = the base's)")
+    p.add_argument("--quantize-4bit", action="store_true", help="also write OUTPUT-4bit, a 4-bit NF4 copy (needs bitsandbytes)")
+    p.add_argument("--push-to-hub", help="push the merged model to this hub repo")
+
+
+cmd_merge.configure = _configure_merge

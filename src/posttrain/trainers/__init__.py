@@ -1,0 +1,1 @@
+"""Trainers: SFT and RL loops built on accelerate, plus shared plumbing."""

@@ -1,0 +1,275 @@
+"""What every trainer needs: model set-up (LoRA/QLoRA/full), optimizer and schedule, rank-aware
+logging, atomic checkpoints with resume, and graceful stops on Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import PosttrainError
+from posttrain.utils import atomic_dir, write_json
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("lora", "qlora", "full")
+
+
+# --------------------------------------------------------------------------------------- models --
+def bnb_4bit_config():
+    """Seed 003's quantization: 4-bit NF4, double quantization, bf16 compute."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PosttrainError("--method qlora needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes, or use --method lora") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_policy(cfg, device):
+    """Load the model to train as ``cfg.method`` asks and wrap it with LoRA where needed.
+
+    ``cfg`` needs: model, method, dtype, trust_remote_code, lora_r, lora_alpha, lora_dropout,
+    lora_target_modules, gradient_checkpointing.
+    """
+    from posttrain.engine.models import load_model
+
+    if cfg.method not in METHODS:
+        raise PosttrainError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    quant = bnb_4bit_config() if cfg.method == "qlora" else None
+    model = load_model(cfg.model, cfg.dtype, str(device), cfg.trust_remote_code, quantization_config=quant)
+    model.config.use_cache = False
+    if cfg.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        targets = cfg.lora_target_modules or DEFAULT_LORA_TARGETS
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise PosttrainError(f"LoRA target modules {missing} do not exist in {cfg.model}; set lora_target_modules")
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                          task_type="CAUSAL_LM", target_modules=targets)
+        model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PosttrainError("the model has no trainable parameters")
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+
+
+def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    kinds = ("cosine", "linear", "constant", "constant_with_warmup")
+    if kind not in kinds:
+        raise PosttrainError(f"unknown lr_scheduler {kind!r}; choose one of {', '.join(kinds)}")
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:
+    return int(warmup_steps) if warmup_steps is not None else int(round(warmup_ratio * total_steps))
+
+
+# -------------------------------------------------------------------------------------- logging --
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and to TensorBoard (W&B if asked).
+
+    Only the main process writes; other ranks' calls are no-ops.
+    """
+
+    def __init__(self, output: Path, is_main: bool, report_to: list[str], run_config: dict, resume: bool):
+        self.is_main = is_main
+        self.path = output / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not is_main:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output / "tensorboard"))
+            except ImportError:
+                print("note: tensorboard is not installed; logging to metrics.jsonl only")
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise PosttrainError("report_to wandb needs wandb installed: pip install wandb") from None
+            self.wandb = wandb.init(config=run_config, dir=str(output), resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("step", "time"):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------- checkpoints --
+class Checkpoints:
+    """``OUTPUT/checkpoints/step-N`` folders written atomically (temp folder, then rename).
+
+    Each holds the accelerate state (model, optimizer, scheduler, RNG) and ``trainer_state.json``.
+    A kill during a save leaves only a hidden temp folder, never a broken ``step-N``.
+    """
+
+    def __init__(self, output: Path, keep: int):
+        self.root = output / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        if not self.root.exists():
+            return None
+        done = [p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    @staticmethod
+    def only_trainable(accelerator, model) -> None:
+        """Checkpoint only trainable weights: a LoRA checkpoint is megabytes, not the whole base model."""
+        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+        def hook(models, weights, output_dir):
+            for w in weights:
+                for k in list(w):
+                    if k.removeprefix("module.") not in names:
+                        del w[k]
+
+        accelerator.register_save_state_pre_hook(hook)
+
+    def save(self, accelerator, step: int, state: dict) -> Path:
+        target = self.root / f"step-{step}"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        # Every rank writes its own RNG state into the same folder, so it must be the same path on
+        # all ranks: save into a shared temp name, then rank 0 renames it.
+        tmp = self.root / f".step-{step}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            write_json(tmp / "trainer_state.json", state)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            self._rotate()
+        accelerator.wait_for_everyone()
+        return target
+
+    def load(self, accelerator, path: Path) -> dict:
+        accelerator.load_state(str(path), strict=False)
+        return json.loads((path / "trainer_state.json").read_text())
+
+    def _rotate(self) -> None:
+        if self.keep <= 0:
+            return
+        done = sorted((p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None) -> None:
+    """A standard HF folder in ``output``: PEFT adapter (LoRA) or full model, plus the tokenizer."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
+    if accelerator.is_main_process:
+        with atomic_dir(output / "model.tmp-final") as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if extra:
+                write_json(tmp / "posttrain.json", extra)
+        final = output / "model.tmp-final"
+        # Move the finished files to the top of the output folder (where users look for them).
+        for f in final.iterdir():
+            dest = output / f.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(f, dest)
+        final.rmdir()
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------- stopping --
+class GracefulStop:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and
+    exits); a second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,64 @@
+"""Merging LoRA adapters into standalone models, 4-bit export and pushing to the hub (seed 003's end)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+from posttrain.utils import atomic_dir
+
+
+def adapter_base(adapter: Path) -> str:
+    cfg = adapter / "adapter_config.json"
+    if not cfg.is_file():
+        raise PosttrainError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise PosttrainError(f"{cfg} does not name its base model; pass --base")
+    return base
+
+
+def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str = "auto",
+                  quantize_4bit: bool = False) -> Path:
+    """Load base + adapter, merge the LoRA weights in, save a plain HF folder (safetensors + tokenizer).
+
+    The merge runs in full precision of the base (never on a 4-bit base, whose rounding would make the
+    merge inexact); ``quantize_4bit`` re-quantises the merged weights as a separate export.
+    """
+    from peft import PeftModel
+
+    from posttrain.engine.models import load_model, load_tokenizer
+
+    adapter_dir = Path(adapter)
+    base = base or adapter_base(adapter_dir)
+    model = load_model(base, dtype, "cpu" if not quantize_4bit else "auto")
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PosttrainError(f"could not apply adapter {adapter_dir} to {base}: {str(e).splitlines()[0][:200]}") from None
+    tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base
+    tokenizer = load_tokenizer(tok_source)
+    out = Path(output)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for extra in ("chat_template.jinja", "posttrain.json"):
+            if (adapter_dir / extra).exists() and not (tmp / extra).exists():
+                shutil.copy(adapter_dir / extra, tmp / extra)
+    if quantize_4bit:
+        export_4bit(out, out.with_name(out.name + "-4bit"))
+    return out
+
+
+def export_4bit(model_dir: Path, output: Path) -> Path:
+    """Save a 4-bit NF4 (double-quantised) copy of a model folder, as seed 003 does."""
+    from posttrain.engine.models import load_model, load_tokenizer
+    from posttrain.trainers.common import bnb_4bit_config
+
+    quant = load_model(str(model_dir), "bf16", "auto", quantization_config=bnb_4bit_config())
+    with atomic_dir(output) as tmp:
+        quant.save_pretrained(tmp)
+        load_tokenizer(str(model_dir)).save_pretrained(tmp)
+    return output

@@ -1,0 +1,196 @@
+"""SFT: masked loss against hand computation, packing equivalence, learning, resume, merge, CLI."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, run_cli
+from posttrain.errors import PosttrainError
+from posttrain.losses.sft import IGNORE_INDEX, masked_nll_mean, masked_nll_sum
+from posttrain.trainers.sft import SFTConfig, Tokenized, pack, pad_right, tokenize_examples, train
+
+
+def test_masked_nll_matches_hand_computation():
+    # One sequence of 4 tokens over a vocabulary of 3; only the last two tokens are response.
+    logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [5.0, 5.0, 5.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 2, 0]])
+    # logits[1] predicts token 2, logits[2] predicts token 0.
+    lse1 = math.log(1 + math.exp(2) + 1)
+    lse2 = math.log(1 + 1 + math.exp(3))
+    expected = (lse1 - 0.0) + (lse2 - 0.0)
+    total, n = masked_nll_sum(logits, labels)
+    assert n.item() == 2 and total.item() == pytest.approx(expected, rel=1e-6)
+    assert masked_nll_mean(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_masked_positions_get_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 1], [IGNORE_INDEX, 2, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    masked_nll_sum(logits, labels)[0].backward()
+    # Position t's logits are used only if label t+1 is counted.
+    used = torch.zeros(2, 5, dtype=torch.bool)
+    used[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    assert torch.all(logits.grad[~used] == 0)
+    assert torch.all(logits.grad[used].abs().sum(-1) > 0)
+    # Changing what stands at masked label positions changes nothing.
+    other = labels.clone()
+    assert masked_nll_sum(logits, other)[0].item() == masked_nll_sum(logits.detach(), labels)[0].item()
+
+
+def test_packed_forward_equals_separate_forwards(tiny_tokenizer):
+    model = make_tiny_model(len(tiny_tokenizer))
+    seqs = [Tokenized([1, 5, 9, 13, 7], [IGNORE_INDEX] * 2 + [9, 13, 7]), Tokenized([1, 8, 3], [IGNORE_INDEX, 8, 3]),
+            Tokenized([1, 4, 4, 6, 2, 9, 11], [IGNORE_INDEX] * 3 + [6, 2, 9, 11])]
+    with torch.no_grad():
+        packed = pack(seqs, "cpu")
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        offset = 0
+        for s in seqs:
+            alone = model(input_ids=torch.tensor([s.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[offset:offset + len(s.input_ids)], alone, atol=1e-5, rtol=1e-4)
+            offset += len(s.input_ids)
+        # And the summed loss is the same packed or padded.
+        padded = pad_right(seqs, 0, "cpu")
+        a = masked_nll_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
+        b = masked_nll_sum(logits[None], packed["labels"])
+        assert a[1] == b[1] and a[0].item() == pytest.approx(b[0].item(), rel=1e-5)
+
+
+def test_truncation_policy_keeps_answers(tiny_tokenizer):
+    from posttrain.tasks import make_task
+
+    task = make_task("gsm_symbolic", train_size=40, test_size=5)
+    exs = task.examples("train")
+    data, stats = tokenize_examples(task, exs, tiny_tokenizer, max_len=300, truncation="prompt_left")
+    assert stats["truncated"] + stats["dropped"] > 0
+    for d, ex in zip(data, exs):
+        assert len(d.input_ids) <= 300
+    # every kept example still ends with its full answer and EOS
+    for d in data:
+        resp = [t for t, lab in zip(d.input_ids, d.labels) if lab != IGNORE_INDEX]
+        assert resp[-1] == tiny_tokenizer.eos_token_id and "####" in tiny_tokenizer.decode(resp)
+    with pytest.raises(PosttrainError, match="longer than max_len"):
+        tokenize_examples(task, exs[:3], tiny_tokenizer, max_len=10, truncation="drop")
+
+
+def _cfg(model_dir, out, **kw):
+    base = dict(model=str(model_dir), task="gsm_symbolic", train_limit=32, output=str(out), max_steps=4,
+                per_device_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3, eval_steps=0,
+                save_steps=2, report_to=[], max_len=300, max_tokens_per_forward=600, seed=3)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_training_lowers_the_loss(tiny_model_dir, tmp_path):
+    final = train(_cfg(tiny_model_dir, tmp_path / "a", max_steps=12, train_limit=8, per_device_batch_size=8,
+                       gradient_accumulation_steps=1, learning_rate=2e-2, lora_dropout=0.0))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert final["finished"] and len(rows) == 12
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+
+
+def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    train(_cfg(tiny_model_dir, tmp_path / "full"))
+    b = tmp_path / "resumed"
+    train(_cfg(tiny_model_dir, b))
+    # Make b look interrupted after step 2: drop everything written after that checkpoint.
+    shutil.rmtree(b / "checkpoints" / "step-4")
+    for f in ("run_state.json", "adapter_model.safetensors"):
+        (b / f).unlink()
+    train(_cfg(tiny_model_dir, b, resume=True))
+    wa, wb = _adapter(tmp_path / "full"), _adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    # The checkpoint holds only the trainable weights, not the base model.
+    ckpt = b / "checkpoints" / "step-4" / "model.safetensors"
+    assert ckpt.stat().st_size < 2 * (b / "adapter_model.safetensors").stat().st_size + 10000
+    # Resuming a finished run does nothing and says so.
+    assert train(_cfg(tiny_model_dir, b, resume=True))["finished"]
+
+
+def test_existing_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "junk").write_text("1")
+    with pytest.raises(PosttrainError, match="--resume"):
+        train(_cfg(tiny_model_dir, tmp_path / "x"))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import posttrain.trainers.sft as sft
+
+    real, calls = sft.masked_nll_sum, {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        total, n = real(logits, labels)
+        return (total * float("nan"), n) if calls["n"] > 16 else (total, n)  # 8 chunks/step: NaN at step 3
+
+    monkeypatch.setattr(sft, "masked_nll_sum", poisoned)
+    with pytest.raises(PosttrainError, match="loss became nan at step 3.*step-2"):
+        train(_cfg(tiny_model_dir, tmp_path / "n", max_tokens_per_forward=300))
+    assert [p.name for p in (tmp_path / "n" / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
+
+
+def test_qlora_without_bitsandbytes_fails_cleanly(tiny_model_dir, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(PosttrainError, match="bitsandbytes"):
+        train(_cfg(tiny_model_dir, tmp_path / "q", method="qlora"))
+
+
+def test_merged_model_generates_like_base_plus_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.engine import SamplingParams
+    from posttrain.engine.hf import HFEngine
+    from posttrain.engine.models import load_tokenizer
+    from posttrain.trainers.export import merge_adapter
+
+    out = tmp_path / "sft"
+    train(_cfg(tiny_model_dir, out, max_steps=3, learning_rate=5e-2, lora_dropout=0.0))
+    merged_dir = merge_adapter(str(out), str(tmp_path / "merged"))
+    tok = load_tokenizer(str(merged_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with_adapter = PeftModel.from_pretrained(base, str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    prompts = [tok("Tom has 3 apples and buys 4 more.")["input_ids"], tok("A train goes 60 miles")["input_ids"]]
+    params = SamplingParams(max_new_tokens=12)
+    a = HFEngine(with_adapter, tok, 2).generate(prompts, params)
+    b = HFEngine(merged, tok, 2).generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert (merged_dir / "model.safetensors").exists() and (merged_dir / "tokenizer.json").exists()
+
+
+def test_sft_cli_end_to_end(tiny_model_dir, tmp_path, tmp_path_factory):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\ntask: gsm_symbolic\ntrain_limit: 16\nmax_steps: 2\n"
+                   "per_device_batch_size: 4\ngradient_accumulation_steps: 1\neval_steps: 2\neval_examples: 4\n"
+                   "eval_accuracy_samples: 2\neval_max_new_tokens: 4\nreport_to: [tensorboard]\n")
+    out = tmp_path / "run"
+    r = run_cli("sft", "--config", cfg, "--output", out, "--max-len", 300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter_model.safetensors").exists() and (out / "tensorboard").is_dir()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "eval_loss" in rows[-1] and "eval_accuracy" in rows[-1]
+    r = run_cli("merge", "--adapter", out, "--output", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("sft", "--config", cfg, "--output", out, "--max-len", 300, "--resume")
+    assert r.returncode == 0 and "already finished" in r.stdout
+    r = run_cli("sft", "--config", cfg, "--output", tmp_path / "bad", "--method", "sgd")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "unknown --method" in r.stderr
