@@ -225,7 +225,7 @@ cmd_sft.configure = _configure_sft
 @command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
 def cmd_merge(args):
     from posttrain.trainers.export import merge_adapter
-    from posttrain.trainers.sft import push_folder
+    from posttrain.trainers.common import push_folder
 
     out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
     print(f"merged {args.adapter} -> {out}")
@@ -243,3 +243,23 @@ def _configure_merge(p):
 
 
 cmd_merge.configure = _configure_merge
+
+
+# ------------------------------------------------------------------------------------------ rl --
+@command("rl", "RL from verifiable rewards: REINFORCE, GRPO or RLOO with composable reward functions.")
+def cmd_rl(args):
+    from posttrain.trainers.rl import RLConfig, train
+
+    cfg = config_from_args(RLConfig, args, args.config)
+    final = train(cfg)
+    print(f"done: step {final.get('step')}, model in {cfg.output}")
+
+
+def _configure_rl(p):
+    from posttrain.trainers.rl import RLConfig
+
+    p.add_argument("--config", help="YAML file of options (CLI flags override it), e.g. configs/grpo_llama31_8b.yaml")
+    add_dataclass_args(p, RLConfig)
+
+
+cmd_rl.configure = _configure_rl

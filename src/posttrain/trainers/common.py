@@ -273,3 +273,63 @@ class GracefulStop:
 
 def config_dict(cfg) -> dict:
     return asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------- evaluation --
+def accuracy_eval(model, tokenizer, task: Task, examples, max_new_tokens: int, accelerator) -> dict:
+    """Greedy accuracy through the evaluation harness; problems sharded across ranks."""
+    from posttrain.engine import SamplingParams, make_engine
+    from posttrain.evaluation import evaluate
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    shard = examples[accelerator.process_index::accelerator.num_processes]
+    engine = make_engine("auto", unwrapped, tokenizer, batch_size=32)
+    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
+    unwrapped.train()
+    from accelerate.utils import gather_object
+
+    records = gather_object(res.records)
+    n = max(1, len(records))
+    return {"eval_accuracy": sum(r["correct"] for r in records) / n,
+            "eval_strict_accuracy": sum(r["strict_correct"] for r in records) / n}
+
+
+def push_folder(folder: Path, repo: str) -> None:
+    """Upload a model/adapter folder to the hub, with a one-line error when offline or unauthorised."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo,
+                          ignore_patterns=["checkpoints/*", "tensorboard/*", "*.tmp*", ".*"])
+    except Exception as e:
+        raise PosttrainError(f"could not push to hub repo {repo!r} ({type(e).__name__}): check the network and "
+                             f"that HF_TOKEN (or `hf auth login`) grants write access") from None
+    print(f"pushed {folder} to https://huggingface.co/{repo}")
+
+
+# ------------------------------------------------------------------------------------ run set-up --
+def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict | None:
+    """Check the output folder before a run. Returns the final state of an already finished run
+    (when resuming it), else None. Refuses to mix a new run into an old one's folder."""
+    state_file = output / "run_state.json"
+    if output.exists() and any(output.iterdir()) and not (resume or overwrite):
+        raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
+    if resume and state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("finished"):
+            print(f"run in {output} already finished at step {state['step']}; nothing to do")
+            return state
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    return None
+
+
+def make_accelerator():
+    """bf16 autocast on GPUs; plain fp32 on CPU. Works unchanged under ``accelerate launch`` (DDP/FSDP)."""
+    from accelerate import Accelerator
+
+    use_cuda = torch.cuda.is_available()
+    return Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)

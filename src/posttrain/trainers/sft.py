@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.trainers.common import (Checkpoints, GracefulStop, MetricsLogger, build_optimizer, build_scheduler,
-                                       config_dict, count_parameters, load_policy, save_final_model,
-                                       warmup_steps_for)
+from posttrain.trainers.common import (Checkpoints, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
+                                       build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
+                                       prepare_output, push_folder, save_final_model, warmup_steps_for)
 from posttrain.utils import seed_everything, write_json
 
 TRUNCATION = ("prompt_left", "drop", "left")
@@ -269,47 +269,17 @@ def held_out_loss(model, data: list[Tokenized], cfg: SFTConfig, pad_id: int, dev
     return (total / count.clamp(min=1)).item()
 
 
-def accuracy_eval(model, tokenizer, task: Task, examples, max_new_tokens: int, accelerator) -> dict:
-    """Greedy accuracy through the evaluation harness; problems sharded across ranks."""
-    from posttrain.engine import SamplingParams, make_engine
-    from posttrain.evaluation import evaluate
-
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    shard = examples[accelerator.process_index::accelerator.num_processes]
-    engine = make_engine("auto", unwrapped, tokenizer, batch_size=32)
-    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
-    unwrapped.train()
-    from accelerate.utils import gather_object
-
-    records = gather_object(res.records)
-    n = max(1, len(records))
-    return {"eval_accuracy": sum(r["correct"] for r in records) / n,
-            "eval_strict_accuracy": sum(r["strict_correct"] for r in records) / n}
-
-
 def train(cfg: SFTConfig) -> dict:
     """Run SFT; returns the final metrics. Writes everything under ``cfg.output``."""
-    from accelerate import Accelerator
-
     from posttrain.engine.models import load_tokenizer
 
     output = Path(cfg.output)
-    state_file = output / "run_state.json"
-    ckpts = Checkpoints(output, cfg.save_total_limit)
-    if output.exists() and any(output.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
-    if cfg.resume and state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("finished"):
-            print(f"run in {output} already finished at step {state['step']}; nothing to do")
-            return state
-    if cfg.overwrite and output.exists():
-        shutil.rmtree(output)
-
-    use_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)
+    done = prepare_output(output, cfg.resume, cfg.overwrite)
+    if done is not None:
+        return done
+    accelerator = make_accelerator()
     device, is_main = accelerator.device, accelerator.is_main_process
+    ckpts = Checkpoints(output, cfg.save_total_limit)
     seed_everything(cfg.seed)
 
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
@@ -406,22 +376,7 @@ def train(cfg: SFTConfig) -> dict:
     save_final_model(model, tokenizer, output, accelerator, extra={"stage": "sft", "method": cfg.method, "base_model": cfg.model})
     final = {"finished": True, "step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
     if is_main:
-        write_json(state_file, final)
+        write_json(output / "run_state.json", final)
     if cfg.push_to_hub and is_main:
         push_folder(output, cfg.push_to_hub)
     return final
-
-
-def push_folder(folder: Path, repo: str) -> None:
-    """Upload a model/adapter folder to the hub, with a one-line error when offline or unauthorised."""
-    try:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo,
-                          ignore_patterns=["checkpoints/*", "tensorboard/*", "*.tmp*", ".*"])
-    except Exception as e:
-        raise PosttrainError(f"could not push to hub repo {repo!r} ({type(e).__name__}): check the network and "
-                             f"that HF_TOKEN (or `hf auth login`) grants write access") from None
-    print(f"pushed {folder} to https://huggingface.co/{repo}")

@@ -1,0 +1,219 @@
+"""RL: losses and advantages against hand-computed numbers, masks, KL at step 0, learning on a toy
+reward (grpo and reinforce), rewards registry, resume and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from posttrain.engine.base import Completion
+from posttrain.errors import PosttrainError
+from posttrain.losses.policy import (batch_mean_baseline, group_normalized, kl_k1, kl_k3, leave_one_out,
+                                     policy_loss, token_logprobs)
+from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
+from posttrain.trainers.rl import RLConfig, build_rollout, train
+
+TOY = '''
+def low_ids(prompts, completions, answer, completion_ids, **kw):
+    return [sum(t < 96 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+def boom(prompts, completions, answer, **kw):
+    raise ValueError("nope")
+
+def short(prompts, completions, answer, **kw):
+    return [1.0]
+'''
+
+
+@pytest.fixture()
+def toy_file(tmp_path):
+    f = tmp_path / "toy.py"
+    f.write_text(TOY)
+    return f
+
+
+# -------------------------------------------------------------------------------- pure functions --
+def test_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    torch.testing.assert_close(batch_mean_baseline(r, False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [-0.75, -0.75, -0.75, 2.25]]))
+    std0 = math.sqrt(1 / 3)  # unbiased std of [.5,-.5,-.5,.5]
+    torch.testing.assert_close(batch_mean_baseline(r, True)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std0)
+    g = group_normalized(r, True)
+    torch.testing.assert_close(g[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std0 + 1e-4))
+    torch.testing.assert_close(group_normalized(r, False), batch_mean_baseline(r, False))
+    # RLOO: r_i minus the mean of the other three
+    torch.testing.assert_close(leave_one_out(r)[1], torch.tensor([-1.0, -1.0, -1.0, 3.0]))
+    torch.testing.assert_close(leave_one_out(r)[0], torch.tensor([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]))
+    # all-equal groups give zero advantages, never NaN
+    assert torch.all(group_normalized(torch.ones(2, 4), True) == 0)
+    assert torch.all(batch_mean_baseline(torch.ones(1, 4), True) == 0)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    torch.testing.assert_close(kl_k1(logp, ref), torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([[math.exp(-0.5) + 0.5 - 1, 0.0]]))
+    assert kl_k3(torch.tensor([[0.0]]), torch.tensor([[-100.0]])).item() <= 10.0  # clamped
+
+
+def test_policy_loss_reinforce_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, m = policy_loss(logp, logp.detach(), adv, mask, aggregation="seq_sum")
+    # The surrogate -A·ρ (ρ = 1) has the same gradient as the seed's -A·Σ_t log π; its value is
+    # -mean_i A_i·|tokens_i| = -(2·2 + (-1)·3) / 2 = -0.5.
+    assert loss.item() == pytest.approx(-0.5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0, 0.0], [0.5, 0.5, 0.5]]))  # -A_i*mask/N
+    assert m["clip_fraction"].item() == 0.0
+
+
+def test_policy_loss_aggregations_and_kl():
+    logp = torch.tensor([[-1.0, -1.0], [-2.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    adv = torch.tensor([1.0, 1.0])
+    # ratio 1: per-token pg = -A = -1 on every masked token
+    grpo, _ = policy_loss(logp, logp, adv, mask, aggregation="grpo")
+    dapo, _ = policy_loss(logp, logp, adv, mask, aggregation="dapo")
+    dr, _ = policy_loss(logp, logp, adv, mask, aggregation="dr_grpo", max_len=4)
+    assert grpo.item() == pytest.approx(-1.0) and dapo.item() == pytest.approx(-1.0)
+    assert dr.item() == pytest.approx(-3 / (2 * 4))
+    ref = logp - 0.1
+    with_kl, m = policy_loss(logp, logp, adv, mask, ref_logp=ref, beta=0.5, kl_estimator="k1", aggregation="grpo")
+    assert m["kl"].item() == pytest.approx(0.1, abs=1e-6)
+    assert with_kl.item() == pytest.approx(-1.0 + 0.5 * 0.1, abs=1e-6)
+
+
+def test_clipping_by_hand():
+    logp = torch.tensor([[0.0]], requires_grad=True)
+    old = torch.tensor([[-1.0]])  # ratio e ≈ 2.718 > 1.2
+    loss, m = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.2, aggregation="dapo")
+    assert loss.item() == pytest.approx(-1.2) and m["clip_fraction"].item() == 1.0
+    loss.backward()
+    assert logp.grad.item() == 0.0  # clipped: no gradient pushes the ratio further
+    loss, m = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), eps_high=0.2, aggregation="dapo")
+    assert loss.item() == pytest.approx(math.e) and m["clip_fraction"].item() == 0.0
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4]
+    logp, ent = token_logprobs(logits, torch.tensor([[1]]))
+    assert logp.item() == pytest.approx(math.log(0.75))
+    assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_rollout_mask_covers_generated_tokens_through_eos_only():
+    prompts = [[1, 5, 6], [1, 7]]
+    comps = [Completion(0, [8, 9, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
+    ids, attn, cmask = build_rollout(prompts, comps, pad_id=0, mask_truncated=False, device="cpu")
+    assert ids.tolist() == [[1, 5, 6, 8, 9, 2], [1, 7, 4, 4, 4, 4]]
+    # mask[t] scores token t+1: row 0 scores tokens at 3,4,5 (8, 9, EOS); row 1 at 2..5
+    assert cmask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
+    comps2 = [Completion(0, [8, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
+    ids, attn, cmask = build_rollout(prompts, comps2, pad_id=0, mask_truncated=True, device="cpu")
+    assert cmask.tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]  # padding and truncated rows excluded
+    assert attn.tolist()[0] == [1, 1, 1, 1, 1, 0]
+
+
+# ------------------------------------------------------------------------------------------ rewards --
+def test_builtin_rewards_seed003():
+    good = "<thinking>\n2+2=4\n</thinking>\n<answer>\n4\n</answer>"
+    comps = [[{"role": "assistant", "content": good}], [{"role": "assistant", "content": good + "\nextra"}], ["bad"]]
+    kw = dict(prompts=[""] * 3, completions=comps, answer=["#### 4"] * 3)
+    assert REWARDS["strict_format"](**kw) == [1.0, -1.0, -1.0]
+    assert REWARDS["xml_count"](**kw) == [0.0, -0.5, -0.5]
+    assert REWARDS["int_answer"](**kw) == [1.0, 1.0, -1.0]
+    assert REWARDS["correctness"](**kw) == [1.0, 1.0, 0.0]
+    total, per = compute_rewards([parse_reward("correctness:2"), parse_reward("xml_count")], **kw)
+    assert total == [2.0, 1.5, -0.5] and set(per) == {"correctness", "xml_count"}
+
+
+def test_custom_reward_loading_and_errors(toy_file):
+    r = parse_reward(f"{toy_file}:low_ids:0.5")
+    assert r.weight == 0.5 and r.name == "toy.low_ids"
+    total, _ = compute_rewards([r], prompts=["p"], completions=["c"], answer=["1"], completion_ids=[[1, 200]])
+    assert total == [0.25]
+    with pytest.raises(PosttrainError, match="'toy.boom' raised ValueError"):
+        compute_rewards([parse_reward(f"{toy_file}:boom")], prompts=["p"] * 2, completions=["a", "b"], answer=["1"] * 2)
+    with pytest.raises(PosttrainError, match="'toy.short' returned 1 rewards for 2"):
+        compute_rewards([parse_reward(f"{toy_file}:short")], prompts=["p"] * 2, completions=["a", "b"], answer=["1"] * 2)
+    with pytest.raises(PosttrainError, match="no function 'missing'"):
+        parse_reward(f"{toy_file}:missing")
+    with pytest.raises(PosttrainError, match="unknown reward"):
+        parse_reward("helpfulness")
+
+
+def test_config_validation():
+    with pytest.raises(PosttrainError, match="num-generations"):
+        RLConfig(algo="grpo", num_generations=1)
+    with pytest.raises(PosttrainError, match="multiple"):
+        RLConfig(algo="grpo", num_generations=3, per_device_batch_size=4, gradient_accumulation_steps=1)
+    with pytest.raises(PosttrainError, match="unknown --algo"):
+        RLConfig(algo="ppo")
+    assert RLConfig(algo="reinforce", num_generations=1).spec == {
+        "advantage": "batch_mean", "group": "micro_batch", "aggregation": "seq_sum", "kl_estimator": "k1"}
+
+
+# ------------------------------------------------------------------------------------------ training --
+def _cfg(model_dir, out, toy_file, **kw):
+    base = dict(model=str(model_dir), output=str(out), method="full", learning_rate=3e-3, reward=[f"{toy_file}:low_ids"],
+                max_new_tokens=8, num_generations=8, per_device_batch_size=16, gradient_accumulation_steps=2,
+                max_steps=25, eval_steps=0, engine="hf", beta=0.0, report_to=[], train_limit=200, save_steps=0)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+def _rewards(out):
+    return [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo,g", [("grpo", 8), ("reinforce", 1)])
+def test_toy_reward_rises(tiny_model_dir, tmp_path, toy_file, algo, g):
+    train(_cfg(tiny_model_dir, tmp_path / algo, toy_file, algo=algo, num_generations=g))
+    r = _rewards(tmp_path / algo)
+    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
+    assert last > first + 0.08, r
+
+
+def test_kl_is_zero_at_step_zero_with_lora(tiny_model_dir, tmp_path, toy_file):
+    train(_cfg(tiny_model_dir, tmp_path / "kl", toy_file, method="lora", beta=0.1, max_steps=2, learning_rate=1e-2))
+    rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["kl"]) < 1e-6  # adapter starts at zero: policy == reference
+    assert rows[1]["kl"] > 0  # after one update the policy has moved (k3 >= 0)
+
+
+def test_rl_resume_matches_uninterrupted(tiny_model_dir, tmp_path, toy_file):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    kw = dict(method="lora", max_steps=4, save_steps=2, lora_dropout=0.0, learning_rate=1e-2)
+    train(_cfg(tiny_model_dir, tmp_path / "a", toy_file, **kw))
+    b = tmp_path / "b"
+    train(_cfg(tiny_model_dir, b, toy_file, **kw))
+    shutil.rmtree(b / "checkpoints" / "step-4")
+    (b / "run_state.json").unlink()
+    train(_cfg(tiny_model_dir, b, toy_file, resume=True, **kw))
+    wa, wb = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_rl_cli(tiny_model_dir, tmp_path, toy_file):
+    out = tmp_path / "cli"
+    r = run_cli("rl", "--model", tiny_model_dir, "--algo", "rloo", "--reward", "correctness", "--reward", f"{toy_file}:low_ids:0.5",
+                "--max-new-tokens", 6, "--num-generations", 4, "--per-device-batch-size", 8, "--gradient-accumulation-steps", 1,
+                "--max-steps", 2, "--eval-steps", 2, "--eval-samples", 4, "--engine", "hf", "--output", out, "--train-limit", 20)
+    assert r.returncode == 0, r.stderr
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("reward_mean", "reward_std", "reward/correctness", "reward/toy.low_ids", "accuracy", "frac_groups_all_equal",
+                "kl", "entropy", "clip_fraction", "completion_len_mean", "completion_len_max", "truncation_rate",
+                "rollout_tokens_per_s", "train_tokens_per_s", "eval_accuracy"):
+        assert key in last, key
+    assert (out / "adapter_model.safetensors").exists()
+    r = run_cli("rl", "--model", tiny_model_dir, "--reward", f"{toy_file}:boom", "--max-steps", 1, "--max-new-tokens", 4,
+                "--output", tmp_path / "boom", "--engine", "hf", "--train-limit", 8, "--eval-steps", 0)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "'toy.boom' raised ValueError" in r.stderr
