@@ -1,0 +1,349 @@
+"""posttrain's own sampling engine for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3; GQA).
+
+Why not HF ``generate``: its dynamic cache re-allocates every step and every kernel launch goes
+through Python, so small decode steps are launch-bound. This engine:
+
+* pre-allocates one KV cache ``[rows, kv_heads, max_len, head_dim]`` per layer;
+* prefills each distinct prompt once and copies its cache into the G rows of its group;
+* decodes with attention that reads each KV head once for all the query heads that share it
+  (queries grouped as ``[rows, kv_heads, group, head_dim]``, no repeat of K/V);
+* on CUDA, captures the whole decode step — projections, attention, sampling — as a CUDA graph,
+  one per (row bucket, attended-length bucket), so a step is one graph launch;
+* samples (greedy, temperature, top-p) on the device with no host synchronisation per step; the host
+  looks at the finished flags only every ``sync_every`` steps;
+* compacts the batch when enough rows have finished (EOS or stop string), moving live rows to the
+  front and switching to a smaller captured graph, so finished sequences stop costing work.
+
+It calls the model's own modules (projections, norms, MLPs, rotary embedding), so a PEFT-wrapped
+policy decodes with its LoRA adapters live and in sync with training: no merge step, no copy.
+
+Top-p is exact whenever the nucleus lies within the ``top_k_candidates`` most likely tokens (default
+256; at the usual temperature ≤ 1 and top_p ≤ 0.95 that is all but always). Without top-p the full
+distribution is sampled exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.engine.base import Completion, Engine, SamplingParams, eos_token_ids, finish
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+SPAN_STEP = 64
+
+
+def _base(model):
+    """The HF CausalLM under a PEFT wrapper (its modules keep their LoRA layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model) -> tuple[bool, str]:
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        return False, f"model type {mt!r} is not one of {sorted(SUPPORTED)}"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
+        return False, "sliding-window attention"
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return False, "quantized weights"
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return False, "unexpected module layout"
+    return True, ""
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rows_bucket(n: int) -> int:
+    return next((b for b in ROW_BUCKETS if b >= n), n)
+
+
+class FastEngine(Engine):
+    name = "fast"
+
+    def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
+                 sync_every: int = 8, top_k_candidates: int = 256, prefill_batch: int = 32):
+        ok, why = supports(model)
+        if not ok:
+            raise ValueError(f"fast engine does not support this model: {why}")
+        self.model, self.tokenizer = model, tokenizer
+        self.base = _base(model)
+        self.inner = self.base.model
+        cfg = self.base.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.group = self.n_heads // self.n_kv
+        attn0 = self.inner.layers[0].self_attn
+        self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
+        self.batch_size = max(1, batch_size)
+        self.sync_every = sync_every
+        self.k_cand = top_k_candidates
+        self.prefill_batch = prefill_batch
+        self.device = next(model.parameters()).device
+        self.dtype = self.inner.embed_tokens.weight.dtype
+        self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
+        self.eos = sorted(eos_token_ids(model, tokenizer))
+        self._graphs: dict = {}
+        self._cache_shape = None
+        # Persistent tensors: captured graphs keep pointers to them.
+        self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
+        self._no_eos = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------------------ model pieces --
+    def _qkv(self, attn, x, cos, sin):
+        """x: [N, T, D] -> q [N, H, T, d], k/v [N, Hkv, T, d] with rotary applied."""
+        n, t, _ = x.shape
+        q = attn.q_proj(x).view(n, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, t, self.n_kv, self.head_dim)
+        v = attn.v_proj(x).view(n, t, self.n_kv, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, d]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _rope(self, h, positions):
+        cos, sin = self.inner.rotary_emb(h, positions)
+        return cos.to(h.dtype), sin.to(h.dtype)
+
+    # ----------------------------------------------------------------------------------- prefill --
+    @torch.no_grad()
+    def _prefill(self, prompts: list[list[int]], caches, rows: torch.Tensor):
+        """Run each prompt once; write its K/V into cache rows ``rows`` (one list of rows per prompt's
+        group); return the last-position logits [P, V] (fp32)."""
+        out = []
+        for start in range(0, len(prompts), self.prefill_batch):
+            chunk = prompts[start:start + self.prefill_batch]
+            lens = torch.tensor([len(p) for p in chunk], device=self.device)
+            width = int(lens.max())
+            ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            for i, p in enumerate(chunk):
+                ids[i, : len(p)] = torch.tensor(p, device=self.device)
+            pos = torch.arange(width, device=self.device)[None].expand(len(chunk), -1)
+            h = self.inner.embed_tokens(ids)
+            cos, sin = self._rope(h, pos)
+            dest = rows[start:start + len(chunk)]  # [p, G]
+            for li, layer in enumerate(self.inner.layers):
+                attn = layer.self_attn
+                q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+                # Right padding + causal mask: real tokens never see the padding after them.
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.group > 1)
+                h = h + attn.o_proj(o.transpose(1, 2).reshape(len(chunk), width, -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                kc, vc = caches[li]
+                g = dest.shape[1]
+                kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
+                vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
+            last = h[torch.arange(len(chunk), device=self.device), lens - 1]
+            out.append(self.base.lm_head(self.inner.norm(last)).float())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------------------------ decode --
+    def _decode(self, st: dict, n: int, span: int):
+        """One decode step for rows [0, n) attending to positions [0, span): reads st['tokens'],
+        st['pos'], writes st['next'], st['logp'], updates st['done'], advances tokens/pos."""
+        tokens, pos = st["tokens"][:n], st["pos"][:n]
+        h = self.inner.embed_tokens(tokens[:, None])  # [n, 1, D]
+        cos, sin = self._rope(h, pos[:, None])
+        ar = st["arange"][:n]
+        mask = st["span_idx"][:span][None] <= pos[:, None]  # [n, span]
+        bias = torch.zeros((n, span), dtype=torch.float32, device=self.device).masked_fill_(~mask, float("-inf"))
+        for li, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
+            kc, vc = st["caches"][li]
+            kc[ar, :, pos] = k[:, :, 0]
+            vc[ar, :, pos] = v[:, :, 0]
+            # Grouped-query attention reading each KV head once: [n, Hkv, g, d] x [n, Hkv, d, S].
+            qg = q.view(n, self.n_kv, self.group, self.head_dim)
+            kk, vv = kc[:n, :, :span], vc[:n, :, :span]
+            scores = torch.matmul(qg, kk.transpose(-1, -2)).float() * self.scaling  # [n, Hkv, g, S]
+            probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(vv.dtype)
+            o = torch.matmul(probs, vv)  # [n, Hkv, g, d]
+            h = h + attn.o_proj(o.reshape(n, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.base.lm_head(self.inner.norm(h[:, 0])).float()  # [n, V]
+        nxt, lp = self._sample(logits, st["params"])
+        done = st["done"][:n]
+        nxt = torch.where(done, torch.full_like(nxt, st["pad"]), nxt)
+        st["next"][:n] = nxt
+        st["logp"][:n] = torch.where(done, torch.zeros_like(lp), lp)
+        if st["eos"].numel():
+            done |= (nxt[:, None] == st["eos"][None]).any(-1)
+        tokens.copy_(nxt)
+        pos.add_(1).clamp_(max=st["max_pos"])
+
+    def _sample(self, logits: torch.Tensor, p: SamplingParams):
+        """Next token and its log-prob under softmax(logits / T); no host synchronisation."""
+        if p.greedy:
+            tok = logits.argmax(-1)
+            lp = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+            return tok, lp
+        scaled = logits / p.temperature
+        lse = torch.logsumexp(scaled, -1)
+        # Gumbel-max: argmax(x + G) samples from softmax(x) exactly.
+        if p.top_p < 1.0:
+            k = min(self.k_cand, scaled.shape[-1])
+            vals, idx = torch.topk(scaled, k, dim=-1)  # sorted, descending
+            probs = torch.exp(vals - lse[:, None])
+            keep = (torch.cumsum(probs, -1) - probs) < p.top_p  # smallest prefix reaching top_p
+            gumbel = -torch.log(-torch.log(torch.rand_like(vals).clamp_(1e-20, 1.0)))
+            choice = torch.where(keep, vals + gumbel, torch.full_like(vals, float("-inf"))).argmax(-1)
+            tok = idx.gather(-1, choice[:, None])[:, 0]
+            lp = vals.gather(-1, choice[:, None])[:, 0] - lse
+            return tok, lp
+        gumbel = -torch.log(-torch.log(torch.rand_like(scaled).clamp_(1e-20, 1.0)))
+        tok = (scaled + gumbel).argmax(-1)
+        return tok, scaled.gather(-1, tok[:, None])[:, 0] - lse
+
+    def _step(self, st: dict, n: int, span: int):
+        if not self.use_graphs:
+            self._decode(st, n, span)
+            return
+        key = (n, span, st["key"])
+        graph = self._graphs.get(key)
+        if graph is None:
+            # Warm up on a side stream, then capture. Capture runs the step, so undo its effects:
+            # snapshot the state it mutates and restore it before the real (replayed) step.
+            snap = {k: st[k][:n].clone() for k in ("tokens", "pos", "done")}
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._decode(st, n, span)
+                for k, v in snap.items():
+                    st[k][:n].copy_(v)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=st["pool"]):
+                self._decode(st, n, span)
+            for k, v in snap.items():
+                st[k][:n].copy_(v)
+            self._graphs[key] = graph
+        graph.replay()
+
+    # ---------------------------------------------------------------------------------- generate --
+    def _state(self, rows: int, max_len: int, params: SamplingParams) -> dict:
+        """Buffers for one generation call; the KV cache is reused across calls when it fits."""
+        shape = (rows, self.n_kv, max_len, self.head_dim)
+        if self._cache_shape is None or any(a < b for a, b in zip(self._cache_shape, shape)):
+            self._graphs.clear()  # graphs point into the old buffers
+            self._caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                             torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.n_layers)]
+            self._cache_shape = shape
+            self._bufs = {
+                "tokens": torch.zeros(rows, dtype=torch.long, device=self.device),
+                "pos": torch.zeros(rows, dtype=torch.long, device=self.device),
+                "next": torch.zeros(rows, dtype=torch.long, device=self.device),
+                "logp": torch.zeros(rows, dtype=torch.float32, device=self.device),
+                "done": torch.zeros(rows, dtype=torch.bool, device=self.device),
+                "arange": torch.arange(rows, device=self.device),
+                "span_idx": torch.arange(max_len, device=self.device),
+            }
+            self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        rows_c, _, len_c, _ = self._cache_shape
+        return {**self._bufs, "caches": self._caches, "pool": self._pool, "params": params,
+                "key": (params.temperature, params.top_p, params.ignore_eos),
+                "eos": self._no_eos if params.ignore_eos else self._eos,
+                "pad": int(self.tokenizer.pad_token_id or 0), "max_pos": len_c - 1}
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
+        from tqdm.auto import tqdm
+
+        g = params.n
+        per_wave = max(1, self.batch_size // g)  # prompts per wave; whole groups stay together
+        out: list[Completion] = []
+        bar = tqdm(total=len(prompts) * g, desc="generate[fast]", disable=not progress, unit="seq")
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for start in range(0, len(prompts), per_wave):
+            wave = prompts[start:start + per_wave]
+            out.extend(self._wave(wave, params, start))
+            bar.update(len(wave) * g)
+        bar.close()
+        return out
+
+    def _wave(self, prompts: list[list[int]], params: SamplingParams, offset: int) -> list[Completion]:
+        g, n_rows = params.n, len(prompts) * params.n
+        longest = max(len(p) for p in prompts)
+        max_len = int(math.ceil((longest + params.max_new_tokens + 1) / SPAN_STEP) * SPAN_STEP)
+        cap_rows = _rows_bucket(max(n_rows, self.batch_size if self.use_graphs else n_rows))
+        st = self._state(cap_rows, max_len, params)
+        rows = torch.arange(n_rows, device=self.device).view(len(prompts), g)
+        last_logits = self._prefill(prompts, st["caches"], rows)  # [P, V]
+        first, first_lp = self._sample(last_logits.repeat_interleave(g, 0), params)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(g)
+        st["tokens"][:n_rows] = first
+        st["pos"][:n_rows] = lens
+        st["done"][:n_rows] = (first[:, None] == st["eos"][None]).any(-1) if st["eos"].numel() else False
+        st["done"][n_rows:] = True
+        st["pos"][n_rows:] = 0
+        st["tokens"][n_rows:] = st["pad"]
+        steps = params.max_new_tokens
+        tok_buf = torch.zeros((n_rows, steps), dtype=torch.long, device=self.device)
+        lp_buf = torch.zeros((n_rows, steps), dtype=torch.float32, device=self.device)
+        tok_buf[:, 0], lp_buf[:, 0] = first, first_lp
+        live = torch.arange(n_rows, device=self.device)  # original row of each live slot
+        n_live = n_rows
+        stop_hit = torch.zeros(n_rows, dtype=torch.bool)
+        t = 1
+        while t < steps:
+            n_b = _rows_bucket(n_live) if self.use_graphs else n_live
+            span = min(max_len, int(math.ceil((int(lens.max()) + t + 1) / SPAN_STEP) * SPAN_STEP))
+            for _ in range(min(self.sync_every, steps - t)):
+                self._step(st, n_b, span)
+                tok_buf[live, t] = st["next"][:n_live]
+                lp_buf[live, t] = st["logp"][:n_live]
+                t += 1
+                if (int(lens.max()) + t + 1) > span:
+                    break
+            # ---- host sync point: finished rows, stop strings, compaction
+            done = st["done"][:n_live].clone()
+            if params.stop:
+                done |= self._stop_hits(tok_buf, live, n_live, t, params.stop, stop_hit)
+            if bool(done.all()):
+                break
+            keep = (~done).nonzero()[:, 0]
+            if self.use_graphs and _rows_bucket(len(keep)) < n_b or not self.use_graphs and len(keep) < n_live:
+                self._compact(st, keep)
+                live, n_live = live[keep], len(keep)
+                lens = lens[keep]
+                st["done"][n_live:] = True
+        tokens, logps = tok_buf.tolist(), lp_buf.tolist()
+        eos = set(self.eos)
+        return [finish(self.tokenizer, offset + r // g, tokens[r], eos, params.stop, logps[r], params.ignore_eos)
+                for r in range(n_rows)]
+
+    def _stop_hits(self, tok_buf, live, n_live, t, stop, stop_hit) -> torch.Tensor:
+        rows = live.tolist()
+        toks = tok_buf[live, :t].tolist()
+        hits = torch.zeros(n_live, dtype=torch.bool)
+        for i, (r, seq) in enumerate(zip(rows, toks)):
+            if stop_hit[r]:
+                hits[i] = True
+                continue
+            text = self.tokenizer.decode(seq, skip_special_tokens=True)
+            if any(s in text for s in stop):
+                hits[i] = stop_hit[r] = True
+        return hits.to(self.device)
+
+    def _compact(self, st: dict, keep: torch.Tensor):
+        """Move live rows to the front of every buffer (one copy of their KV cache)."""
+        n = len(keep)
+        for kc, vc in st["caches"]:
+            kc[:n] = kc[keep]
+            vc[:n] = vc[keep]
+        for name in ("tokens", "pos", "done"):
+            st[name][:n] = st[name][keep]

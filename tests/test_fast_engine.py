@@ -1,0 +1,126 @@
+"""Fast engine: token-identical greedy output to HF generate, EOS/stop handling, compaction,
+sampling correct in distribution, LoRA-aware decoding, fallback for unsupported models."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from posttrain.engine import SamplingParams, make_engine
+from posttrain.engine.fast import FastEngine, supports
+from posttrain.engine.hf import HFEngine
+from posttrain.tasks import make_task
+
+
+def _prompts(tok, n=16):
+    task = make_task("gsm_symbolic", train_size=50, test_size=40)
+    return [task.encode_prompt(e, tok)[: 20 + 7 * i] for i, e in enumerate(task.examples("test")[:n])]
+
+
+@pytest.mark.parametrize("batch_size", [16, 5])
+def test_greedy_identical_to_hf(tiny_model, tiny_tokenizer, batch_size):
+    prompts = _prompts(tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=40)
+    hf = HFEngine(tiny_model, tiny_tokenizer, 16).generate(prompts, params)
+    fast = FastEngine(tiny_model, tiny_tokenizer, batch_size).generate(prompts, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in hf]
+    assert [c.text for c in fast] == [c.text for c in hf]
+    for a, b in zip(hf, fast):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_eos_finishes_rows_and_compaction_keeps_results(tiny_model, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    free = HFEngine(tiny_model, tiny_tokenizer, 16).generate(prompts, SamplingParams(max_new_tokens=30))
+    # Declare a token the model often emits to be EOS, so rows finish at different steps.
+    counts = torch.bincount(torch.tensor([t for c in free for t in c.token_ids]))
+    tiny_model.generation_config.eos_token_id = int(counts.argmax())
+    params = SamplingParams(max_new_tokens=30)
+    hf = HFEngine(tiny_model, tiny_tokenizer, 16).generate(prompts, params)
+    fast = FastEngine(tiny_model, tiny_tokenizer, 16, sync_every=2).generate(prompts, params)
+    reasons = [c.finish_reason for c in fast]
+    assert "eos" in reasons and "length" in reasons
+    assert [c.token_ids for c in fast] == [c.token_ids for c in hf]
+
+
+def test_stop_strings(tiny_model, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer, 4)
+    free = FastEngine(tiny_model, tiny_tokenizer, 4).generate(prompts, SamplingParams(max_new_tokens=16))
+    stop = free[0].text[3:6]
+    if not stop.strip():
+        pytest.skip("no usable stop string in this model's output")
+    out = FastEngine(tiny_model, tiny_tokenizer, 4, sync_every=1).generate(prompts, SamplingParams(max_new_tokens=16, stop=[stop]))
+    assert stop not in out[0].text and out[0].finish_reason == "stop" and free[0].text.startswith(out[0].text)
+
+
+class _StubTok:
+    pad_token_id = 0
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_sampling_matches_distribution(temperature, top_p):
+    """Chi-square test of the first sampled token against the exact tempered, nucleus-filtered softmax."""
+    model = make_tiny_model(8, seed=1, hidden_size=32, intermediate_size=64, initializer_range=0.5)
+    model.generation_config.eos_token_id = None
+    prompt = [1, 3, 5, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].double() / temperature
+    p = torch.softmax(logits, -1)
+    order = torch.argsort(p, descending=True)
+    cum = torch.cumsum(p[order], 0)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order[(cum - p[order]) < top_p]] = True
+    expected = torch.where(keep, p, torch.zeros_like(p))
+    expected = expected / expected.sum()
+    n = 6000
+    out = FastEngine(model, _StubTok(), batch_size=n).generate(
+        [prompt], SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, n=n, seed=123))
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out]), minlength=8).double()
+    assert torch.all(counts[~keep] == 0)  # nothing outside the nucleus
+    exp_counts = expected[keep] * n
+    chi2 = (((counts[keep] - exp_counts) ** 2) / exp_counts).sum().item()
+    dof = int(keep.sum()) - 1
+    # 99.9th percentile of chi-square (Wilson-Hilferty approximation)
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3 if dof > 0 else 10.8
+    assert chi2 < limit, (chi2, limit, counts, exp_counts)
+    # returned log-probs are log softmax(logits / T) of the chosen token
+    c = out[0]
+    assert c.logprobs[0] == pytest.approx(torch.log_softmax(logits, -1)[c.token_ids[0]].item(), abs=1e-4)
+
+
+def test_lora_adapter_is_live(tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    prompts = _prompts(tiny_tokenizer, 4)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-trivial adapter
+    peft_model.eval()
+    params = SamplingParams(max_new_tokens=20)
+    engine = FastEngine(peft_model, tiny_tokenizer, 4)
+    hf = HFEngine(peft_model, tiny_tokenizer, 4).generate(prompts, params)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf]
+    with torch.no_grad():  # training changes the adapter in place: the same engine sees it
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1)
+    hf2 = HFEngine(peft_model, tiny_tokenizer, 4).generate(prompts, params)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf2]
+
+
+def test_unsupported_model_falls_back_with_notice(tiny_tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2))
+    assert not supports(gpt2)[0]
+    engine = make_engine("fast", gpt2, tiny_tokenizer)
+    assert engine.name == "hf" and "fast engine does not support" in capsys.readouterr().out
+    assert make_engine("auto", make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer).name == "fast"
