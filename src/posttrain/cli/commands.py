@@ -263,3 +263,21 @@ def _configure_rl(p):
 
 
 cmd_rl.configure = _configure_rl
+
+
+# ------------------------------------------------------------------------------------ pretrain --
+@command("pretrain", "Train a small Llama-architecture base model from scratch on raw GSM-style text.")
+def cmd_pretrain(args):
+    from posttrain.trainers.pretrain import PretrainConfig, train
+
+    train(config_from_args(PretrainConfig, args, args.config))
+
+
+def _configure_pretrain(p):
+    from posttrain.trainers.pretrain import PretrainConfig
+
+    p.add_argument("--config", help="YAML file of options (CLI flags override it)")
+    add_dataclass_args(p, PretrainConfig)
+
+
+cmd_pretrain.configure = _configure_pretrain

@@ -1,0 +1,236 @@
+"""Pretraining a small Llama-architecture base model from scratch on raw GSM-style text.
+
+This is how the offline default model ``models/nano-gsm`` is made. Its corpus is *raw text*, not the
+pipeline's prompt format: procedural problems from reasoning-gym's ``gsm_symbolic`` written as
+documents of two kinds, as a web crawl would hold them:
+
+* worked problems: the question, then its solution, ending "The answer is N.";
+* problem sets: several questions in a row, no solutions.
+
+So the base model can solve problems, but given a question it does not know it is being *asked* one;
+it may well continue the document with another question. Teaching it to answer, in a format, is what
+SFT is for; RL then sharpens what SFT taught.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.errors import PosttrainError
+from posttrain.trainers.common import MetricsLogger, build_scheduler, make_accelerator
+from posttrain.utils import atomic_dir, atomic_write, seed_everything, write_json
+
+
+@dataclass
+class PretrainConfig:
+    output: str = "models/nano-gsm"
+    """Folder for the model (HF format: config, safetensors, tokenizer)."""
+    corpus: str = "runs/pretrain_corpus.jsonl.gz"
+    """Corpus file (one JSON string per line, gzip ok); built from gsm_symbolic if it does not exist."""
+    corpus_only: bool = False
+    """Build the corpus file and stop."""
+    num_docs: int = 150000
+    """Documents to build when the corpus is generated."""
+    problem_set_share: float = 0.5
+    """Share of documents that are problem sets (questions without solutions)."""
+    data_seed: int = 2024
+    """Seed of the procedural problems in the corpus (kept apart from the evaluation streams)."""
+    vocab_size: int = 2048
+    """BPE vocabulary size (digits are always one token each)."""
+    hidden_size: int = 256
+    """Model width."""
+    num_layers: int = 8
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 768
+    """MLP width."""
+    seq_len: int = 512
+    """Training sequence length (documents are concatenated with EOS and cut into rows)."""
+    batch_size: int = 64
+    """Rows per step."""
+    max_steps: int = 3000
+    """Optimizer steps."""
+    learning_rate: float = 3e-3
+    """Peak learning rate."""
+    warmup_steps: int = 200
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    save_dtype: str = "bf16"
+    """Dtype of the saved weights (bf16 keeps the committed model small)."""
+    logging_steps: int = 50
+    """Log every N steps."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise PosttrainError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        if not 0 <= self.problem_set_share < 1:
+            raise PosttrainError("problem_set_share must be in [0, 1)")
+
+
+def _final_line(cot: str, answer: str) -> str:
+    body = cot.rsplit("####", 1)[0].strip()
+    return f"{body}\nThe answer is {answer}."
+
+
+def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: set[str]) -> list[str]:
+    """Raw-text documents from gsm_symbolic (questions in ``exclude`` never appear)."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise PosttrainError("building the corpus needs reasoning-gym: pip install reasoning-gym") from None
+    rng = random.Random(seed)
+    ds = reasoning_gym.create_dataset("gsm_symbolic", seed=seed, size=num_docs * 3)
+    items = iter(ds)
+    suffix = " Give the result as your final answer. Do not include units."
+    docs = []
+    bar = tqdm(total=num_docs, desc="corpus", unit="doc")
+
+    def next_item():
+        while True:
+            it = next(items)
+            q = str(it["question"]).replace(suffix, "").strip()
+            if q not in exclude:
+                return q, str(it["metadata"].get("answer_cot", "")), str(it["answer"])
+
+    try:
+        while len(docs) < num_docs:
+            if rng.random() < problem_set_share:
+                qs = [next_item()[0] for _ in range(rng.randint(2, 4))]
+                docs.append("\n\n".join(f"Problem {i + 1}. {q}" for i, q in enumerate(qs)))
+            else:
+                q, cot, ans = next_item()
+                docs.append(f"{q}\n{_final_line(cot, ans)}")
+            bar.update(1)
+    except StopIteration:
+        pass
+    bar.close()
+    return docs
+
+
+def load_corpus(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_corpus(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb") as f:
+            for d in docs:
+                f.write((json.dumps(d) + "\n").encode("utf-8"))
+
+
+def pipeline_test_questions() -> set[str]:
+    """Questions of the default evaluation stream, kept out of the pretraining corpus."""
+    from posttrain.tasks.sources import GSMSymbolic
+
+    return {e.question for e in GSMSymbolic().load("test")}
+
+
+def train(cfg: PretrainConfig) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.tokenization import train_bpe_tokenizer
+
+    corpus_path = Path(cfg.corpus)
+    if corpus_path.exists():
+        docs = load_corpus(corpus_path)
+    else:
+        docs = build_corpus(cfg.num_docs, cfg.problem_set_share, cfg.data_seed, pipeline_test_questions())
+        save_corpus(corpus_path, docs)
+        print(f"wrote {len(docs)} documents to {corpus_path}")
+    if cfg.corpus_only:
+        return {"documents": len(docs)}
+    if not docs:
+        raise PosttrainError(f"corpus {corpus_path} is empty")
+
+    accelerator = make_accelerator()
+    device, is_main = accelerator.device, accelerator.is_main_process
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer = train_bpe_tokenizer(docs[:40000], vocab_size=cfg.vocab_size)
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    stream = torch.tensor([t for doc in ids for t in ([tokenizer.bos_token_id] + doc + [tokenizer.eos_token_id])])
+    n_rows = len(stream) // cfg.seq_len
+    rows = stream[: n_rows * cfg.seq_len].view(n_rows, cfg.seq_len)
+    if is_main:
+        print(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(docs)} docs, {len(stream):,} tokens, {n_rows} rows "
+              f"({time.perf_counter() - t0:.1f}s)")
+
+    mcfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max(1024, cfg.seq_len), rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(mcfg)
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
+    scheduler = build_scheduler(optimizer, "cosine", cfg.warmup_steps, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    out = Path(cfg.output)
+    logger = MetricsLogger(Path(str(out) + ".logs"), is_main, [], {}, resume=False)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n_rows, generator=g)
+    per_step = cfg.batch_size * accelerator.num_processes
+    bar = tqdm(total=cfg.max_steps, desc="pretrain", disable=not is_main, unit="step")
+    model.train()
+    loss_val = float("nan")
+    for step in range(cfg.max_steps):
+        start = (step * per_step) % max(1, n_rows - per_step + 1)
+        if start < per_step and step > 0:
+            order = torch.randperm(n_rows, generator=g)
+        batch = rows[order[start:start + per_step]][accelerator.process_index::accelerator.num_processes].to(device)
+        with accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise PosttrainError(f"pretraining loss became {loss_val} at step {step}; lower --learning-rate")
+            logger.log(step, {"loss": loss_val, "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+        unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
+        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+        with atomic_dir(out) as tmp:
+            unwrapped.to(dtype).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "pretrain.json", {
+                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "parameters": n_params,
+                "tokens_seen": cfg.max_steps * per_step * cfg.seq_len, "corpus_tokens": int(len(stream)),
+                "final_loss": loss_val, "seconds": elapsed,
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+        print(f"saved {out} ({n_params / 1e6:.2f}M parameters, final loss {loss_val:.3f}, {elapsed:.0f}s)")
+    logger.close()
+    return {"parameters": n_params, "final_loss": loss_val, "seconds": elapsed}
