@@ -33,7 +33,7 @@ def test_greedy_is_batch_size_invariant(tiny_model, tiny_tokenizer):
 
 def test_sampling_returns_n_per_prompt_and_logprobs(tiny_model, tiny_tokenizer):
     prompts = _prompts(tiny_tokenizer, 3)
-    out = HFEngine(tiny_model, tiny_tokenizer, 8).generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, n=4, seed=1))
+    out = HFEngine(tiny_model, tiny_tokenizer, 8).generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, n=4, seed=1, logprobs=True))
     assert [c.prompt_index for c in out] == [0] * 4 + [1] * 4 + [2] * 4
     for c in out:
         assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)

@@ -21,7 +21,7 @@ def _prompts(tok, n=16):
 @pytest.mark.parametrize("batch_size", [16, 5])
 def test_greedy_identical_to_hf(tiny_model, tiny_tokenizer, batch_size):
     prompts = _prompts(tiny_tokenizer)
-    params = SamplingParams(max_new_tokens=40)
+    params = SamplingParams(max_new_tokens=40, logprobs=True)
     hf = HFEngine(tiny_model, tiny_tokenizer, 16).generate(prompts, params)
     fast = FastEngine(tiny_model, tiny_tokenizer, batch_size).generate(prompts, params)
     assert [c.token_ids for c in fast] == [c.token_ids for c in hf]

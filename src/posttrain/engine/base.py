@@ -23,6 +23,8 @@ class SamplingParams:
     """Seed for sampling, for reproducible runs."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks only)."""
+    logprobs: bool = False
+    """Return each generated token's log-probability (the HF path then keeps every step's logits)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -62,6 +62,11 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-sum-exp of logits / T in fp32. [n, V] -> [n]"""
+    return torch.logsumexp(logits.float() / temperature, dim=-1)
+
+
 def _rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
@@ -70,7 +75,7 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 8, top_k_candidates: int = 256, prefill_batch: int = 32):
+                 sync_every: int = 8, top_k_candidates: int = 256, prefill_batch: int = 32, compile: bool = True):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"fast engine does not support this model: {why}")
@@ -97,6 +102,11 @@ class FastEngine(Engine):
         self._cache_shape = None
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
+        self._fwd, self._lse_impl = self._forward_step, _lse
+        if self.device.type == "cuda" and compile:
+            # Fuse the step's many small elementwise kernels (norms, rotary, residuals, sampling math).
+            self._fwd = torch.compile(self._forward_step, dynamic=True)
+            self._lse_impl = torch.compile(_lse, dynamic=True)
         self._no_eos = torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------------------ model pieces --
@@ -113,6 +123,9 @@ class FastEngine(Engine):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
+
+    def _lse(self, logits, temperature):
+        return self._lse_impl(logits, temperature)
 
     def _rope(self, h, positions):
         cos, sin = self.inner.rotary_emb(h, positions)
@@ -151,30 +164,33 @@ class FastEngine(Engine):
         return torch.cat(out)
 
     # ------------------------------------------------------------------------------------ decode --
-    def _decode(self, st: dict, n: int, span: int):
-        """One decode step for rows [0, n) attending to positions [0, span): reads st['tokens'],
-        st['pos'], writes st['next'], st['logp'], updates st['done'], advances tokens/pos."""
-        tokens, pos = st["tokens"][:n], st["pos"][:n]
+    def _forward_step(self, tokens, pos, ar, span_idx, caches, span: int):
+        """Logits [n, V] for one new token per row at positions ``pos``, attending to [0, span).
+
+        Pure tensor code (no host syncs): it is captured in a CUDA graph, optionally after
+        torch.compile has fused its elementwise work."""
+        n = tokens.shape[0]
         h = self.inner.embed_tokens(tokens[:, None])  # [n, 1, D]
         cos, sin = self._rope(h, pos[:, None])
-        ar = st["arange"][:n]
-        mask = st["span_idx"][:span][None] <= pos[:, None]  # [n, span]
-        bias = torch.zeros((n, span), dtype=torch.float32, device=self.device).masked_fill_(~mask, float("-inf"))
+        mask = (span_idx[:span][None] <= pos[:, None])[:, None, None]  # [n, 1, 1, span]
         for li, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
-            kc, vc = st["caches"][li]
+            kc, vc = caches[2 * li], caches[2 * li + 1]
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
-            # Grouped-query attention reading each KV head once: [n, Hkv, g, d] x [n, Hkv, d, S].
-            qg = q.view(n, self.n_kv, self.group, self.head_dim)
-            kk, vv = kc[:n, :, :span], vc[:n, :, :span]
-            scores = torch.matmul(qg, kk.transpose(-1, -2)).float() * self.scaling  # [n, Hkv, g, S]
-            probs = torch.softmax(scores + bias[:, None, None], dim=-1).to(vv.dtype)
-            o = torch.matmul(probs, vv)  # [n, Hkv, g, d]
-            h = h + attn.o_proj(o.reshape(n, 1, -1))
+            # Grouped-query attention: each KV head is read once for the queries that share it.
+            o = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
+                                               scale=self.scaling, enable_gqa=self.group > 1)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.base.lm_head(self.inner.norm(h[:, 0])).float()  # [n, V]
+        return self.base.lm_head(self.inner.norm(h[:, 0]))
+
+    def _decode(self, st: dict, n: int, span: int):
+        """One decode step for rows [0, n): reads st['tokens'], st['pos'], writes st['next'],
+        st['logp'], updates st['done'] and advances tokens/pos."""
+        tokens, pos = st["tokens"][:n], st["pos"][:n]
+        logits = self._fwd(tokens, pos, st["arange"][:n], st["span_idx"], st["caches_flat"], span)
         nxt, lp = self._sample(logits, st["params"])
         done = st["done"][:n]
         nxt = torch.where(done, torch.full_like(nxt, st["pad"]), nxt)
@@ -186,17 +202,20 @@ class FastEngine(Engine):
         pos.add_(1).clamp_(max=st["max_pos"])
 
     def _sample(self, logits: torch.Tensor, p: SamplingParams):
-        """Next token and its log-prob under softmax(logits / T); no host synchronisation."""
+        """Next token and its log-prob under softmax(logits / T); no host synchronisation.
+
+        ``logits`` may be bf16: the argmax and the top-k are exact on them (bf16 -> fp32 is exact),
+        and the log-sum-exp accumulates in fp32."""
         if p.greedy:
             tok = logits.argmax(-1)
-            lp = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+            lp = logits.gather(-1, tok[:, None])[:, 0].float() - self._lse(logits, 1.0)
             return tok, lp
-        scaled = logits / p.temperature
-        lse = torch.logsumexp(scaled, -1)
+        lse = self._lse(logits, p.temperature)
         # Gumbel-max: argmax(x + G) samples from softmax(x) exactly.
         if p.top_p < 1.0:
-            k = min(self.k_cand, scaled.shape[-1])
-            vals, idx = torch.topk(scaled, k, dim=-1)  # sorted, descending
+            k = min(self.k_cand, logits.shape[-1])
+            vals, idx = torch.topk(logits, k, dim=-1)  # sorted, descending
+            vals = vals.float() / p.temperature
             probs = torch.exp(vals - lse[:, None])
             keep = (torch.cumsum(probs, -1) - probs) < p.top_p  # smallest prefix reaching top_p
             gumbel = -torch.log(-torch.log(torch.rand_like(vals).clamp_(1e-20, 1.0)))
@@ -204,6 +223,7 @@ class FastEngine(Engine):
             tok = idx.gather(-1, choice[:, None])[:, 0]
             lp = vals.gather(-1, choice[:, None])[:, 0] - lse
             return tok, lp
+        scaled = logits.float() / p.temperature
         gumbel = -torch.log(-torch.log(torch.rand_like(scaled).clamp_(1e-20, 1.0)))
         tok = (scaled + gumbel).argmax(-1)
         return tok, scaled.gather(-1, tok[:, None])[:, 0] - lse
@@ -242,6 +262,7 @@ class FastEngine(Engine):
             self._caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                              torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.n_layers)]
             self._cache_shape = shape
+            self._caches_flat = tuple(t for kv in self._caches for t in kv)
             self._bufs = {
                 "tokens": torch.zeros(rows, dtype=torch.long, device=self.device),
                 "pos": torch.zeros(rows, dtype=torch.long, device=self.device),
@@ -253,7 +274,7 @@ class FastEngine(Engine):
             }
             self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         rows_c, _, len_c, _ = self._cache_shape
-        return {**self._bufs, "caches": self._caches, "pool": self._pool, "params": params,
+        return {**self._bufs, "caches": self._caches, "caches_flat": self._caches_flat, "pool": self._pool, "params": params,
                 "key": (params.temperature, params.top_p, params.ignore_eos),
                 "eos": self._no_eos if params.ignore_eos else self._eos,
                 "pad": int(self.tokenizer.pad_token_id or 0), "max_pos": len_c - 1}
@@ -299,15 +320,16 @@ class FastEngine(Engine):
         n_live = n_rows
         stop_hit = torch.zeros(n_rows, dtype=torch.bool)
         t = 1
+        longest_live = longest  # a Python int: no host sync inside the decode loop
         while t < steps:
             n_b = _rows_bucket(n_live) if self.use_graphs else n_live
-            span = min(max_len, int(math.ceil((int(lens.max()) + t + 1) / SPAN_STEP) * SPAN_STEP))
+            span = min(max_len, int(math.ceil((longest_live + t + 1) / SPAN_STEP) * SPAN_STEP))
             for _ in range(min(self.sync_every, steps - t)):
                 self._step(st, n_b, span)
                 tok_buf[live, t] = st["next"][:n_live]
                 lp_buf[live, t] = st["logp"][:n_live]
                 t += 1
-                if (int(lens.max()) + t + 1) > span:
+                if longest_live + t + 1 > span:
                     break
             # ---- host sync point: finished rows, stop strings, compaction
             done = st["done"][:n_live].clone()
@@ -320,6 +342,7 @@ class FastEngine(Engine):
                 self._compact(st, keep)
                 live, n_live = live[keep], len(keep)
                 lens = lens[keep]
+                longest_live = int(lens.max())
                 st["done"][n_live:] = True
         tokens, logps = tok_buf.tolist(), lp_buf.tolist()
         eos = set(self.eos)

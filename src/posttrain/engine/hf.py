@@ -53,7 +53,7 @@ class HFEngine(Engine):
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=None if params.ignore_eos else sorted(eos_ids),
                 return_dict_in_generate=True,
-                output_logits=True,
+                output_logits=params.logprobs,
             )
             if not params.greedy:
                 kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -67,12 +67,13 @@ class HFEngine(Engine):
                 kwargs["cache_implementation"] = self.cache_implementation
             res = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
             new = res.sequences[:, input_ids.shape[1]:]
-            # Log-probs of the chosen tokens under softmax(logits / T): what the sampler drew from.
-            logits = torch.stack(res.logits, dim=1).float()  # [B, T_new, V]
-            if not params.greedy:
-                logits = logits / params.temperature
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None]).squeeze(-1)
-            new, lp = new.tolist(), lp.tolist()
+            lp = [None] * len(chunk)
+            if params.logprobs:
+                # Log-probs of the chosen tokens under softmax(logits / T), one step at a time.
+                t_scale = 1.0 if params.greedy else params.temperature
+                lp = torch.stack([torch.log_softmax(step.float() / t_scale, -1).gather(-1, new[:, t, None])[:, 0]
+                                  for t, step in enumerate(res.logits)], dim=1).tolist()
+            new = new.tolist()
             for k, r in enumerate(chunk):
                 out[r] = finish(tok, rows[r][0], new[k], eos_ids, params.stop, lp[k], params.ignore_eos)
             bar.update(len(chunk))

@@ -5,10 +5,10 @@ pipeline's prompt format: procedural problems from reasoning-gym's ``gsm_symboli
 documents of two kinds, as a web crawl would hold them:
 
 * worked problems: the question, then its solution, ending "The answer is N.";
-* problem sets: several questions in a row, no solutions.
+* problem sets: several questions in a row, one per line, no solutions.
 
-So the base model can solve problems, but given a question it does not know it is being *asked* one;
-it may well continue the document with another question. Teaching it to answer, in a format, is what
+So the base model can solve problems, but given a question it does not know it is being *asked* one:
+a question followed by a newline is as often followed by another question as by a solution. Teaching it to answer, in a format, is what
 SFT is for; RL then sharpens what SFT taught.
 """
 
@@ -40,7 +40,7 @@ class PretrainConfig:
     """Build the corpus file and stop."""
     num_docs: int = 150000
     """Documents to build when the corpus is generated."""
-    problem_set_share: float = 0.5
+    problem_set_share: float = 0.4
     """Share of documents that are problem sets (questions without solutions)."""
     data_seed: int = 2024
     """Seed of the procedural problems in the corpus (kept apart from the evaluation streams)."""
@@ -60,7 +60,7 @@ class PretrainConfig:
     """Training sequence length (documents are concatenated with EOS and cut into rows)."""
     batch_size: int = 64
     """Rows per step."""
-    max_steps: int = 3000
+    max_steps: int = 4000
     """Optimizer steps."""
     learning_rate: float = 3e-3
     """Peak learning rate."""
@@ -111,7 +111,7 @@ def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: se
         while len(docs) < num_docs:
             if rng.random() < problem_set_share:
                 qs = [next_item()[0] for _ in range(rng.randint(2, 4))]
-                docs.append("\n\n".join(f"Problem {i + 1}. {q}" for i, q in enumerate(qs)))
+                docs.append("\n".join(qs))
             else:
                 q, cot, ans = next_item()
                 docs.append(f"{q}\n{_final_line(cot, ans)}")
