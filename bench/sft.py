@@ -56,11 +56,17 @@ def seed_recipe(model_dir: Path, data, steps: int, warm: int, pad_id: int) -> di
             torch.cuda.synchronize()
             times.append(time.perf_counter())
 
+    import inspect
+
+    # transformers 5 replaced group_by_length=True with train_sampling_strategy="group_by_length".
+    grouping = ({"train_sampling_strategy": "group_by_length"}
+                if "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters
+                else {"group_by_length": True})
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=2e-4,
+        **grouping, output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=2e-4,
         lr_scheduler_type="cosine", warmup_steps=max(1, round(0.03 * steps)), logging_steps=1, bf16=True, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch", report_to="none",
-        remove_unused_columns=False, group_by_length=True, max_steps=steps, save_strategy="no", eval_strategy="no",
+        remove_unused_columns=False, max_steps=steps, save_strategy="no", eval_strategy="no",
         dataloader_num_workers=0, disable_tqdm=True)
     torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()]).train()

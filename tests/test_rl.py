@@ -217,3 +217,25 @@ def test_rl_cli(tiny_model_dir, tmp_path, toy_file):
     r = run_cli("rl", "--model", tiny_model_dir, "--reward", f"{toy_file}:boom", "--max-steps", 1, "--max-new-tokens", 4,
                 "--output", tmp_path / "boom", "--engine", "hf", "--train-limit", 8, "--eval-steps", 0)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "'toy.boom' raised ValueError" in r.stderr
+
+
+def test_nan_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, toy_file, monkeypatch, capsys):
+    import posttrain.trainers.rl as rl
+
+    monkeypatch.setattr(rl, "policy_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
+    with pytest.raises(PosttrainError, match="3 steps in a row had NaN"):
+        train(_cfg(tiny_model_dir, tmp_path / "nan", toy_file, max_steps=5))
+    assert capsys.readouterr().out.count("step skipped") == 3
+
+
+def test_reference_with_other_tokenizer_is_refused(tiny_model_dir, tmp_path, toy_file):
+    from posttrain.tokenization import train_bpe_tokenizer
+
+    other = tmp_path / "other"
+    from conftest import make_tiny_model
+
+    tok = train_bpe_tokenizer(["completely different words here"] * 50, vocab_size=300)
+    make_tiny_model(len(tok)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(PosttrainError, match="different tokenizer"):
+        train(_cfg(tiny_model_dir, tmp_path / "ref", toy_file, beta=0.1, ref_model=str(other), max_steps=1))

@@ -194,3 +194,33 @@ def test_sft_cli_end_to_end(tiny_model_dir, tmp_path, tmp_path_factory):
     assert r.returncode == 0 and "already finished" in r.stdout
     r = run_cli("sft", "--config", cfg, "--output", tmp_path / "bad", "--method", "sgd")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "unknown --method" in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "posttrain", "sft", "--model", str(tiny_model_dir), "--train-limit", "32", "--max-steps", "400",
+           "--per-device-batch-size", "4", "--gradient-accumulation-steps", "1", "--eval-steps", "0", "--save-steps", "0",
+           "--report-to", "none", "--max-len", "300", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "checkpoint saved" in err and "Traceback" not in err
+    ckpts = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").exists()
+    assert not (out / "run_state.json").exists()
+
+
+def test_push_to_hub_offline_is_a_clear_error(tiny_model_dir, tmp_path):
+    from posttrain.trainers.common import push_folder
+
+    with pytest.raises(PosttrainError, match="could not push"):
+        push_folder(tiny_model_dir, "someone/some-repo")

@@ -124,5 +124,12 @@ def config_from_args(cls, ns: argparse.Namespace, config_file: str | None = None
     return build_config(cls, values, source=config_file or "options")
 
 
+def require(cfg, checks: dict[str, bool], command: str = "") -> None:
+    """Raise a one-line error naming the first option whose check failed."""
+    for name, ok in checks.items():
+        if not ok:
+            raise PosttrainError(f"invalid {name}={getattr(cfg, name)!r}" + (f" (see posttrain {command} --help)" if command else ""))
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)

@@ -201,24 +201,32 @@ def _configure_grade(p):
 cmd_grade.configure = _configure_grade
 
 
-# ----------------------------------------------------------------------------------------- sft --
-@command("sft", "Supervised fine-tuning with a prompt-masked loss (LoRA, QLoRA or full).")
-def cmd_sft(args):
-    from posttrain.trainers.sft import SFTConfig, train
+# ----------------------------------------------------------------------- sft, rl and pretrain --
+def _training_command(name: str, help_text: str, module: str, config_class: str, example: str):
+    """A subcommand that fills ``module.config_class`` from --config YAML + flags and calls ``module.train``."""
+    import importlib
 
-    cfg = config_from_args(SFTConfig, args, args.config)
-    final = train(cfg)
-    print(f"done: step {final.get('step')}, model in {cfg.output}")
+    def run(args):
+        mod = importlib.import_module(module)
+        cfg = config_from_args(getattr(mod, config_class), args, args.config)
+        final = mod.train(cfg)
+        if "step" in final:
+            print(f"done: step {final['step']}, model in {cfg.output}")
+
+    def configure(p):
+        p.add_argument("--config", help=f"YAML file of options (CLI flags override it), e.g. {example}")
+        add_dataclass_args(p, getattr(importlib.import_module(module), config_class))
+
+    run.configure = configure
+    command(name, help_text)(run)
 
 
-def _configure_sft(p):
-    from posttrain.trainers.sft import SFTConfig
-
-    p.add_argument("--config", help="YAML file of options (CLI flags override it), e.g. configs/sft_llama32_1b.yaml")
-    add_dataclass_args(p, SFTConfig)
-
-
-cmd_sft.configure = _configure_sft
+_training_command("sft", "Supervised fine-tuning with a prompt-masked loss (LoRA, QLoRA or full).",
+                  "posttrain.trainers.sft", "SFTConfig", "configs/sft_llama32_1b.yaml")
+_training_command("rl", "RL from verifiable rewards: REINFORCE, GRPO or RLOO with composable reward functions.",
+                  "posttrain.trainers.rl", "RLConfig", "configs/grpo_llama31_8b.yaml")
+_training_command("pretrain", "Train a small Llama-architecture base model from scratch on raw GSM-style text.",
+                  "posttrain.trainers.pretrain", "PretrainConfig", "a pretrain.yaml")
 
 
 # --------------------------------------------------------------------------------------- merge --
@@ -245,39 +253,29 @@ def _configure_merge(p):
 cmd_merge.configure = _configure_merge
 
 
-# ------------------------------------------------------------------------------------------ rl --
-@command("rl", "RL from verifiable rewards: REINFORCE, GRPO or RLOO with composable reward functions.")
-def cmd_rl(args):
-    from posttrain.trainers.rl import RLConfig, train
+# ------------------------------------------------------------------------------------ pipeline --
+@command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate, with a report (default: configs/nano.yaml).")
+def cmd_pipeline(args):
+    from posttrain.pipeline import DEFAULT_CONFIG, load_pipeline_config, run_pipeline
 
-    cfg = config_from_args(RLConfig, args, args.config)
-    final = train(cfg)
-    print(f"done: step {final.get('step')}, model in {cfg.output}")
-
-
-def _configure_rl(p):
-    from posttrain.trainers.rl import RLConfig
-
-    p.add_argument("--config", help="YAML file of options (CLI flags override it), e.g. configs/grpo_llama31_8b.yaml")
-    add_dataclass_args(p, RLConfig)
-
-
-cmd_rl.configure = _configure_rl
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
+                                      "data_dir": args.data_dir, "rl_algo": args.algo})
+    summary = run_pipeline(cfg)
+    print("\n| stage | accuracy | 95% CI | strict | n |\n|---|---|---|---|---|")
+    for s in summary["stages"]:
+        print(f"| {s['name']} | {100 * s['accuracy']:.1f}% | {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}% "
+              f"| {100 * s['strict_accuracy']:.1f}% | {s['n']} |")
+    print(f"\nreport: {cfg.output}/report.md")
 
 
-# ------------------------------------------------------------------------------------ pretrain --
-@command("pretrain", "Train a small Llama-architecture base model from scratch on raw GSM-style text.")
-def cmd_pretrain(args):
-    from posttrain.trainers.pretrain import PretrainConfig, train
-
-    train(config_from_args(PretrainConfig, args, args.config))
-
-
-def _configure_pretrain(p):
-    from posttrain.trainers.pretrain import PretrainConfig
-
-    p.add_argument("--config", help="YAML file of options (CLI flags override it)")
-    add_dataclass_args(p, PretrainConfig)
+def _configure_pipeline(p):
+    p.add_argument("--config", help="pipeline YAML (default: configs/nano.yaml)")
+    p.add_argument("--output", help="output folder (default: the config's, runs/pipeline)")
+    p.add_argument("--model", help="base model (overrides the config)")
+    p.add_argument("--task", help="task (overrides the config)")
+    p.add_argument("--data-dir", help="GSM8K folder when the task is gsm8k")
+    p.add_argument("--algo", help="RL algorithm: grpo, reinforce or rloo (overrides the config)")
 
 
-cmd_pretrain.configure = _configure_pretrain
+cmd_pipeline.configure = _configure_pipeline

@@ -8,11 +8,12 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.utils import atomic_dir, write_json
 
@@ -333,3 +334,70 @@ def make_accelerator():
 
     use_cuda = torch.cuda.is_available()
     return Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)
+
+
+# ------------------------------------------------------------------------------ shared options --
+@dataclass
+class TrainerOptions:
+    """Options every trainer shares: what to train, the batch shape, LoRA, and the run's plumbing.
+    Trainer configs extend it with their own fields."""
+
+    model: str = "models/nano-gsm"
+    """Model to train: hub id or local folder (for RL, e.g. a merged SFT model)."""
+    task: str = "gsm_symbolic"
+    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
+    data_dir: str | None = None
+    """Folder with GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
+    prompt_style: str = "plain"
+    """plain, chat or fewshot (or a template name); SFT targets follow the same template."""
+    train_limit: int | None = None
+    """Use only the first N training examples."""
+    method: str = "lora"
+    """lora, qlora (4-bit NF4 base, needs bitsandbytes) or full."""
+    per_device_batch_size: int = 4
+    """Sequences per micro-batch per device (the seeds' 4)."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step; sequences per step = per_device_batch_size × this × ranks."""
+    warmup_steps: int | None = None
+    """Warm-up steps; overrides warmup_ratio when set."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (0 disables)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora_r: int = 8
+    """LoRA rank (seed 000's SFT: 8; its REINFORCE: 16)."""
+    lora_alpha: int = 16
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target_modules: list[str] | None = None
+    """Modules to adapt; default all attention and MLP projections."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
+    seed: int = 42
+    """Seed for data order, initialisation, dropout and sampling."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    save_total_limit: int = 2
+    """Checkpoints to keep."""
+    resume: bool = False
+    """Continue the run in `output` from its latest checkpoint."""
+    overwrite: bool = False
+    """Start afresh even if `output` holds an earlier run."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb."""
+    push_to_hub: str | None = None
+    """Push the final adapter/model to this hub repo."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code."""
+
+    def _check_common(self) -> None:
+        require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
+                       "logging_steps": self.logging_steps >= 1, "per_device_batch_size": self.per_device_batch_size >= 1,
+                       "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1})
+        if self.method not in METHODS:
+            raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.resume and self.overwrite:
+            raise PosttrainError("--resume and --overwrite contradict each other; pick one")

@@ -28,7 +28,8 @@ from posttrain.errors import PosttrainError
 from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, policy_loss, token_logprobs
 from posttrain.tasks import Task, make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
-from posttrain.trainers.common import (Checkpoints, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
+from posttrain.config import require
+from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
                                        build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
                                        prepare_output, push_folder, save_final_model, warmup_steps_for)
 from posttrain.utils import seed_everything, write_json
@@ -42,26 +43,14 @@ ALGORITHMS = {
 
 
 @dataclass
-class RLConfig:
+class RLConfig(TrainerOptions):
     # -- what to train
-    model: str = "models/nano-gsm"
-    """Policy to train: hub id or local folder (e.g. a merged SFT model)."""
     ref_model: str | None = None
     """Reference policy for the KL penalty; default: the starting policy (with LoRA, the adapter switched off)."""
-    task: str = "gsm_symbolic"
-    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
-    data_dir: str | None = None
-    """Folder with GSM8K train.jsonl/test.jsonl."""
-    prompt_style: str = "plain"
-    """plain, chat or fewshot (or a template name)."""
-    train_limit: int | None = None
-    """Use only the first N training prompts."""
     algo: str = "grpo"
     """reinforce, grpo or rloo."""
     reward: list[str] = field(default_factory=lambda: ["correctness"])
     """Reward functions NAME[:WEIGHT] or path/file.py:function[:WEIGHT] (repeatable)."""
-    method: str = "lora"
-    """lora, qlora or full."""
     output: str = "runs/rl"
     """Output folder."""
     # -- rollouts
@@ -82,10 +71,6 @@ class RLConfig:
     # -- optimisation
     max_steps: int = 100
     """Optimizer steps."""
-    per_device_batch_size: int = 4
-    """Completions per forward/backward micro-batch per device."""
-    gradient_accumulation_steps: int = 4
-    """Micro-batches per optimizer step; completions per step = per_device_batch_size × this × ranks."""
     num_iterations: int = 1
     """Updates per rollout batch (>1 reuses rollouts with the clipped importance ratio)."""
     learning_rate: float = 1e-5
@@ -94,12 +79,6 @@ class RLConfig:
     """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.0
     """Share of steps spent warming up."""
-    warmup_steps: int | None = None
-    """Warm-up steps; overrides warmup_ratio."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold (0 disables)."""
     beta: float = 0.04
     """KL coefficient β (0 disables the KL term and the reference forward)."""
     kl_estimator: str | None = None
@@ -112,44 +91,15 @@ class RLConfig:
     """Lower clip range ε_low of the importance ratio."""
     epsilon_high: float = 0.2
     """Upper clip range ε_high (DAPO raises it, e.g. 0.28)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations to save memory."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with NaN/inf loss (each is skipped)."""
-    # -- LoRA
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA alpha."""
-    lora_dropout: float = 0.05
-    """LoRA dropout."""
-    lora_target_modules: list[str] | None = None
-    """Modules to adapt; default all attention and MLP projections."""
     # -- runtime
-    dtype: str = "auto"
-    """auto, bf16, fp16 or fp32."""
-    seed: int = 42
-    """Seed for prompt order, sampling and initialisation."""
-    logging_steps: int = 1
-    """Log every N steps."""
     eval_steps: int = 50
     """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_samples: int = 64
     """Held-out problems per evaluation."""
     save_steps: int = 100
     """Checkpoint every N steps (0 disables)."""
-    save_total_limit: int = 2
-    """Checkpoints to keep."""
-    resume: bool = False
-    """Continue the run in `output` from its latest checkpoint."""
-    overwrite: bool = False
-    """Start afresh even if `output` holds a run."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """tensorboard and/or wandb, besides metrics.jsonl."""
-    push_to_hub: str | None = None
-    """Push the final adapter/model to this hub repo."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code."""
 
     def __post_init__(self):
         if self.algo not in ALGORITHMS:
@@ -164,17 +114,13 @@ class RLConfig:
         if rows % self.num_generations:
             raise PosttrainError(f"completions per step per device ({rows}) must be a multiple of "
                                  f"--num-generations ({self.num_generations}) so whole groups stay on one device")
-        checks = {"max_steps": self.max_steps >= 1, "num_iterations": self.num_iterations >= 1,
+        self._check_common()
+        require(self, {"max_steps": self.max_steps >= 1, "num_iterations": self.num_iterations >= 1,
                   "learning_rate": self.learning_rate > 0, "beta": self.beta >= 0, "temperature": self.temperature > 0,
                   "per_device_batch_size": self.per_device_batch_size >= 1, "max_new_tokens": self.max_new_tokens >= 1,
-                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise PosttrainError(f"invalid {name}={getattr(self, name)!r} (see posttrain rl --help)")
+                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1}, "rl")
         if not self.reward:
             raise PosttrainError("give at least one --reward")
-        if self.resume and self.overwrite:
-            raise PosttrainError("--resume and --overwrite contradict each other; pick one")
 
     @property
     def spec(self) -> dict:
@@ -368,7 +314,7 @@ def train(cfg: RLConfig) -> dict:
                         finite = False
                         break
                     accelerator.backward(loss)
-                    m["entropy"] = (entropy * cmask[sl]).sum() / cmask[sl].sum().clamp(min=1)
+                    m["entropy"] = (entropy.detach() * cmask[sl]).sum() / cmask[sl].sum().clamp(min=1)
                     for key, v in m.items():
                         sums[key] = sums.get(key, 0.0) + float(v) / n_mb
                 finite_all = accelerator.reduce(torch.tensor(float(finite), device=device), "min").item() > 0
@@ -400,7 +346,7 @@ def train(cfg: RLConfig) -> dict:
                     "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
                     "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions),
                     "rollout_tokens_per_s": gen_tokens * world / max(rollout_time, 1e-9),
-                    "train_tokens_per_s": float(attn.sum()) * world / max(train_time, 1e-9),
+                    "train_tokens_per_s": int(attn.sum().item()) * world / max(train_time, 1e-9),
                     "lr": scheduler.get_last_lr()[0],
                 }
                 if grad_norm is not None:

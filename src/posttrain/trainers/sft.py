@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.trainers.common import (Checkpoints, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
+from posttrain.config import require
+from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
                                        build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
                                        prepare_output, push_folder, save_final_model, warmup_steps_for)
 from posttrain.utils import seed_everything, write_json
@@ -32,20 +33,8 @@ TRUNCATION = ("prompt_left", "drop", "left")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainerOptions):
     # -- what to train
-    model: str = "models/nano-gsm"
-    """Hub id or local folder of the model to fine-tune."""
-    task: str = "gsm_symbolic"
-    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
-    data_dir: str | None = None
-    """Folder with GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
-    prompt_style: str = "plain"
-    """plain, chat or fewshot (or a template name); the response follows the same template."""
-    train_limit: int | None = None
-    """Use only the first N training examples."""
-    method: str = "lora"
-    """lora, qlora (4-bit NF4 base, needs bitsandbytes) or full."""
     output: str = "runs/sft"
     """Output folder: adapter or model, metrics.jsonl, tensorboard/, checkpoints/."""
     # -- optimisation
@@ -53,22 +42,12 @@ class SFTConfig:
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
-    per_device_batch_size: int = 4
-    """Sequences per micro-batch per device (the seed's 4)."""
-    gradient_accumulation_steps: int = 4
-    """Micro-batches per optimizer step (the seed's 4)."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
     lr_scheduler: str = "cosine"
     """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.03
     """Share of steps spent warming up (the seed's 3%)."""
-    warmup_steps: int | None = None
-    """Warm-up steps; overrides warmup_ratio when set."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold (0 disables)."""
     # -- data shaping
     max_len: int = 400
     """Longest sequence (prompt + response + EOS) in tokens (the seed's 400)."""
@@ -78,24 +57,7 @@ class SFTConfig:
     """Pack sequences padding-free into one row per forward; off = padded micro-batches grouped by length."""
     max_tokens_per_forward: int = 8192
     """Token budget of one packed forward pass."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    # -- LoRA
-    lora_r: int = 8
-    """LoRA rank (the seed's 8)."""
-    lora_alpha: int = 16
-    """LoRA scaling alpha (the seed's 16)."""
-    lora_dropout: float = 0.05
-    """LoRA dropout (the seed's 0.05)."""
-    lora_target_modules: list[str] | None = None
-    """Modules to adapt; default all attention and MLP projections."""
     # -- runtime
-    dtype: str = "auto"
-    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
-    seed: int = 42
-    """Seed for data order, LoRA init and dropout."""
-    logging_steps: int = 1
-    """Log metrics every N optimizer steps."""
     eval_steps: int = 25
     """Evaluate every N steps (0 disables); the seed's 25."""
     eval_examples: int = 100
@@ -106,39 +68,21 @@ class SFTConfig:
     """Generation budget for the accuracy evaluation."""
     save_steps: int = 250
     """Checkpoint every N steps (0 disables); the seed's 250."""
-    save_total_limit: int = 2
-    """Checkpoints to keep (the seed's 2)."""
-    resume: bool = False
-    """Continue the run in `output` from its latest checkpoint."""
-    overwrite: bool = False
-    """Start afresh even if `output` holds an earlier run."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics go besides metrics.jsonl: tensorboard, wandb."""
-    push_to_hub: str | None = None
-    """Push the final adapter/model to this hub repo."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code."""
 
     def __post_init__(self):
-        checks = {
+        self._check_common()
+        require(self, {
             "per_device_batch_size": self.per_device_batch_size >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "learning_rate": self.learning_rate > 0,
             "max_len": self.max_len >= 8,
             "epochs": self.epochs > 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "lora_r": self.lora_r >= 1,
             "max_tokens_per_forward": self.max_tokens_per_forward >= self.max_len,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "lora_dropout": 0 <= self.lora_dropout < 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise PosttrainError(f"invalid {name}={getattr(self, name)!r} (see posttrain sft --help)")
+        }, "sft")
         if self.truncation not in TRUNCATION:
             raise PosttrainError(f"unknown truncation {self.truncation!r}; choose one of {', '.join(TRUNCATION)}")
-        if self.resume and self.overwrite:
-            raise PosttrainError("--resume and --overwrite contradict each other; pick one")
 
 
 # ------------------------------------------------------------------------------------------ data --
