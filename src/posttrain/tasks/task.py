@@ -67,10 +67,13 @@ class Task:
         raise PosttrainError(f"unknown prompt style {t.style!r}")
 
     def encode_prompt(self, ex: Example, tokenizer) -> list[int]:
-        """Prompt token ids. Chat templates carry their own BOS; other styles get the tokenizer's."""
-        text = self.prompt_text(ex, tokenizer)
-        add_special = self.template.style != "chat"
-        return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        """Prompt token ids."""
+        return self.encode_text(self.prompt_text(ex, tokenizer), tokenizer)
+
+    def encode_text(self, prompt_text: str, tokenizer) -> list[int]:
+        """Token ids of an already rendered prompt. Chat templates carry their own BOS; other styles get
+        the tokenizer's."""
+        return list(tokenizer(prompt_text, add_special_tokens=self.template.style != "chat")["input_ids"])
 
     def target(self, ex: Example) -> str:
         """The SFT target (worked solution in this template's answer format), without EOS."""

@@ -35,15 +35,10 @@ def bnb_4bit_config():
 
 
 def load_policy(cfg, device):
-    """Load the model to train as ``cfg.method`` asks and wrap it with LoRA where needed.
-
-    ``cfg`` needs: model, method, dtype, trust_remote_code, lora_r, lora_alpha, lora_dropout,
-    lora_target_modules, gradient_checkpointing.
-    """
+    """Load the model to train as ``cfg.method`` asks (a TrainerOptions, already validated) and wrap
+    it with LoRA where needed."""
     from posttrain.engine.models import load_model
 
-    if cfg.method not in METHODS:
-        raise PosttrainError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     quant = bnb_4bit_config() if cfg.method == "qlora" else None
     model = load_model(cfg.model, cfg.dtype, str(device), cfg.trust_remote_code, quantization_config=quant)
     model.config.use_cache = False

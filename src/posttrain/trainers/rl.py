@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, policy_loss, token_logprobs
 from posttrain.tasks import Task, make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
-from posttrain.config import require
 from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
                                        build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
                                        prepare_output, push_folder, save_final_model, warmup_steps_for)
@@ -117,8 +117,7 @@ class RLConfig(TrainerOptions):
         self._check_common()
         require(self, {"max_steps": self.max_steps >= 1, "num_iterations": self.num_iterations >= 1,
                   "learning_rate": self.learning_rate > 0, "beta": self.beta >= 0, "temperature": self.temperature > 0,
-                  "per_device_batch_size": self.per_device_batch_size >= 1, "max_new_tokens": self.max_new_tokens >= 1,
-                  "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1}, "rl")
+                  "max_new_tokens": self.max_new_tokens >= 1}, "rl")
         if not self.reward:
             raise PosttrainError("give at least one --reward")
 
@@ -212,7 +211,10 @@ def train(cfg: RLConfig) -> dict:
     eval_examples = task.examples("test")[: cfg.eval_samples] if cfg.eval_steps and cfg.eval_samples else []
     rewards_fns = [parse_reward(r) for r in cfg.reward]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompt_ids_all = [task.encode_prompt(ex, tokenizer) for ex in train_examples]
+    # Rendered once: reward functions get the prompt text, the engine its token ids.
+    prompt_texts_all = [task.prompt_text(ex, tokenizer) for ex in train_examples]
+    prompt_ids_all = [task.encode_text(text, tokenizer) for text in prompt_texts_all]
+    chat = task.template.style == "chat"
     model = load_policy(cfg, device)
     is_peft = cfg.method in ("lora", "qlora")
     ref_model = None
@@ -254,9 +256,7 @@ def train(cfg: RLConfig) -> dict:
             t0 = time.perf_counter()
             idx = prompts_for_step(len(train_examples), rollout_index, prompts_per_step, cfg.seed, rank, world)
             params.seed = cfg.seed + 1_000_003 * rollout_index + rank
-            policy.eval()
-            if hasattr(engine, "refresh"):
-                engine.refresh()
+            policy.eval()  # the fast engine calls the live (LoRA) modules: nothing to refresh
             completions = engine.generate([prompt_ids_all[i] for i in idx], params)
             policy.train()
             rollout_time = time.perf_counter() - t0
@@ -264,11 +264,10 @@ def train(cfg: RLConfig) -> dict:
             prompt_ids = [prompt_ids_all[i] for i in idx for _ in range(cfg.num_generations)]
 
             # ---- 2. reward: every reward function on every completion
-            chat = task.template.style == "chat"
             texts = [c.text for c in completions]
             comp_arg = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
             total_r, per_fn = compute_rewards(
-                rewards_fns, prompts=[task.prompt_text(e, tokenizer) for e in exs], completions=comp_arg,
+                rewards_fns, prompts=[prompt_texts_all[i] for i in idx for _ in range(cfg.num_generations)], completions=comp_arg,
                 answer=[e.response or f"#### {e.numeric_answer}" for e in exs],
                 numeric_answer=[e.numeric_answer for e in exs], completion_lengths=[len(c.token_ids) for c in completions],
                 completion_ids=[c.token_ids for c in completions])

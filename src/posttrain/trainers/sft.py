@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.config import require
 from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
                                        build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
                                        prepare_output, push_folder, save_final_model, warmup_steps_for)
@@ -72,8 +72,6 @@ class SFTConfig(TrainerOptions):
     def __post_init__(self):
         self._check_common()
         require(self, {
-            "per_device_batch_size": self.per_device_batch_size >= 1,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "learning_rate": self.learning_rate > 0,
             "max_len": self.max_len >= 8,
             "epochs": self.epochs > 0,
