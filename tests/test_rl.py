@@ -24,6 +24,13 @@ def boom(prompts, completions, answer, **kw):
 
 def short(prompts, completions, answer, **kw):
     return [1.0]
+
+def const(prompts, completions, answer, **kw):
+    return [1.0] * len(completions)
+
+def half_const(prompts, completions, answer, completion_ids, **kw):
+    # prompts of even length: one reward for the whole group (no signal); others: varies by sample
+    return [1.0 if len(p) % 2 == 0 else float(ids[0] % 2) for p, ids in zip(prompts, completion_ids)]
 '''
 
 
@@ -176,6 +183,27 @@ def test_toy_reward_rises(tiny_model_dir, tmp_path, toy_file, algo, g):
     r = _rewards(tmp_path / algo)
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.08, r
+
+
+def test_drop_zero_advantage_trains_only_groups_with_signal(tiny_model_dir, tmp_path, toy_file):
+    train(_cfg(tiny_model_dir, tmp_path / "half", toy_file, reward=[f"{toy_file}:half_const"], max_steps=3,
+               drop_zero_advantage=True))
+    rows = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # whole groups of 8 are left out: exactly those whose rewards were all equal
+        assert r["trained_completions"] == max(1, round(32 * (1 - r["frac_groups_all_equal"])))
+    assert any(0 < r["trained_completions"] < 32 for r in rows)
+
+
+def test_drop_zero_advantage_with_no_signal_leaves_the_model_unchanged(tiny_model_dir, tmp_path, toy_file):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "const"
+    train(_cfg(tiny_model_dir, out, toy_file, reward=[f"{toy_file}:const"], max_steps=2, drop_zero_advantage=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trained_completions"] for r in rows] == [1, 1]  # one row kept so every rank runs a backward
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in after:
+        torch.testing.assert_close(after[k], before[k].to(after[k].dtype))
 
 
 def test_kl_is_zero_at_step_zero_with_lora(tiny_model_dir, tmp_path, toy_file):

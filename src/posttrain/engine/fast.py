@@ -5,21 +5,23 @@ through Python, so small decode steps are launch-bound. This engine:
 
 * pre-allocates one KV cache ``[rows, kv_heads, max_len, head_dim]`` per layer;
 * prefills each distinct prompt once and copies its cache into the G rows of its group;
-* decodes with attention that reads each KV head once for all the query heads that share it
-  (queries grouped as ``[rows, kv_heads, group, head_dim]``, no repeat of K/V);
+* decodes with attention that reads each KV head once for all the query heads that share it (no
+  repeat of K/V): on CUDA a Triton flash-decoding kernel that reads each row's own length only
+  (``kernels.decode_attention``), elsewhere PyTorch's SDPA with ``enable_gqa``;
 * on CUDA, captures the whole decode step — projections, attention, sampling — as a CUDA graph,
   one per (row bucket, attended-length bucket), so a step is one graph launch;
-* samples (greedy, temperature, top-p) on the device with no host synchronisation per step; the host
-  looks at the finished flags only every ``sync_every`` steps;
+* samples (greedy, temperature, top-p) on the device with no host synchronisation per step and no
+  sort of the vocabulary (``kernels.sample``: inverse-CDF candidates, rejection outside the
+  nucleus); the host looks at the finished flags only every ``sync_every`` steps;
 * compacts the batch when enough rows have finished (EOS or stop string), moving live rows to the
   front and switching to a smaller captured graph, so finished sequences stop costing work.
 
 It calls the model's own modules (projections, norms, MLPs, rotary embedding), so a PEFT-wrapped
 policy decodes with its LoRA adapters live and in sync with training: no merge step, no copy.
 
-Top-p is exact whenever the nucleus lies within the ``top_k_candidates`` most likely tokens (default
-256; at the usual temperature ≤ 1 and top_p ≤ 0.95 that is all but always). Without top-p the full
-distribution is sampled exactly.
+Sampling is exact: the token follows softmax(logits / T) renormalised over the top-p nucleus (see
+``kernels`` for the one approximation, a fall-back to the most likely token with probability at most
+(1 - top_p)^8 per step).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from posttrain.engine import kernels
 from posttrain.engine.base import Completion, Engine, SamplingParams, eos_token_ids, finish
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
@@ -75,7 +78,7 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 8, top_k_candidates: int = 256, prefill_batch: int = 32, compile: bool = True):
+                 sync_every: int = 8, prefill_batch: int = 32, compile: bool = True):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"fast engine does not support this model: {why}")
@@ -92,11 +95,11 @@ class FastEngine(Engine):
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
         self.batch_size = max(1, batch_size)
         self.sync_every = sync_every
-        self.k_cand = top_k_candidates
         self.prefill_batch = prefill_batch
         self.device = next(model.parameters()).device
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
+        self.triton = kernels.triton_ready(self.device)
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self._graphs: dict = {}
         self._cache_shape = None
@@ -180,9 +183,12 @@ class FastEngine(Engine):
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
             # Grouped-query attention: each KV head is read once for the queries that share it.
-            o = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
-                                               scale=self.scaling, enable_gqa=self.group > 1)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
+            if self.triton:
+                o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
+            else:
+                o = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
+                                                   scale=self.scaling, enable_gqa=self.group > 1)[:, :, 0]
+            h = h + attn.o_proj(o.reshape(n, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.base.lm_head(self.inner.norm(h[:, 0]))
 
@@ -204,29 +210,13 @@ class FastEngine(Engine):
     def _sample(self, logits: torch.Tensor, p: SamplingParams):
         """Next token and its log-prob under softmax(logits / T); no host synchronisation.
 
-        ``logits`` may be bf16: the argmax and the top-k are exact on them (bf16 -> fp32 is exact),
-        and the log-sum-exp accumulates in fp32."""
+        ``logits`` may be bf16: the argmax is exact on them (bf16 -> fp32 is exact) and the
+        log-sum-exp accumulates in fp32."""
         if p.greedy:
             tok = logits.argmax(-1)
             lp = logits.gather(-1, tok[:, None])[:, 0].float() - self._lse(logits, 1.0)
             return tok, lp
-        lse = self._lse(logits, p.temperature)
-        # Gumbel-max: argmax(x + G) samples from softmax(x) exactly.
-        if p.top_p < 1.0:
-            k = min(self.k_cand, logits.shape[-1])
-            vals, idx = torch.topk(logits, k, dim=-1)  # sorted, descending
-            vals = vals.float() / p.temperature
-            probs = torch.exp(vals - lse[:, None])
-            keep = (torch.cumsum(probs, -1) - probs) < p.top_p  # smallest prefix reaching top_p
-            gumbel = -torch.log(-torch.log(torch.rand_like(vals).clamp_(1e-20, 1.0)))
-            choice = torch.where(keep, vals + gumbel, torch.full_like(vals, float("-inf"))).argmax(-1)
-            tok = idx.gather(-1, choice[:, None])[:, 0]
-            lp = vals.gather(-1, choice[:, None])[:, 0] - lse
-            return tok, lp
-        scaled = logits.float() / p.temperature
-        gumbel = -torch.log(-torch.log(torch.rand_like(scaled).clamp_(1e-20, 1.0)))
-        tok = (scaled + gumbel).argmax(-1)
-        return tok, scaled.gather(-1, tok[:, None])[:, 0] - lse
+        return kernels.sample(logits, p.temperature, p.top_p)
 
     def _step(self, st: dict, n: int, span: int):
         if not self.use_graphs:

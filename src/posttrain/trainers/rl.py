@@ -87,6 +87,10 @@ class RLConfig(TrainerOptions):
     """Loss aggregation for grpo/rloo: grpo (per sequence), dr_grpo (constant normaliser) or dapo (per token)."""
     scale_rewards: bool = True
     """Divide advantages by the group (or batch) std."""
+    drop_zero_advantage: bool = False
+    """Leave completions whose advantage is exactly 0 (groups where every sample got the same reward)
+    out of the update. With beta = 0 they add nothing to the gradient, only compute; the loss is
+    then averaged over the completions that carry signal. Ignored when beta > 0 (the KL term needs them)."""
     epsilon_low: float = 0.2
     """Lower clip range ε_low of the importance ratio."""
     epsilon_high: float = 0.2
@@ -280,8 +284,13 @@ def train(cfg: RLConfig) -> dict:
             all_equal = (groups.max(1).values - groups.min(1).values == 0).float().mean()
             if torch.all(advantages == 0):
                 zero_adv_batches += 1
-            ids, attn, cmask = build_rollout(prompt_ids, completions, pad_id, cfg.mask_truncated_completions, device)
-            ro = Rollout(ids, attn, cmask, advantages, rewards)
+            used = list(range(len(completions)))
+            if cfg.drop_zero_advantage and cfg.beta == 0:
+                # At least one row stays, so every rank runs a backward (DDP all-reduces in it).
+                used = (advantages != 0).nonzero()[:, 0].tolist() or [0]
+            ids, attn, cmask = build_rollout([prompt_ids[i] for i in used], [completions[i] for i in used], pad_id,
+                                             cfg.mask_truncated_completions, device)
+            ro = Rollout(ids, attn, cmask, advantages[used], rewards[used])
             mb = cfg.per_device_batch_size
             with torch.no_grad():
                 if cfg.num_iterations > 1:
@@ -344,6 +353,7 @@ def train(cfg: RLConfig) -> dict:
                     "frac_groups_all_equal": all_equal.item(), "zero_advantage_batches": zero_adv_batches,
                     "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
                     "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                    "trained_completions": len(used),
                     "rollout_tokens_per_s": gen_tokens * world / max(rollout_time, 1e-9),
                     "train_tokens_per_s": int(attn.sum().item()) * world / max(train_time, 1e-9),
                     "lr": scheduler.get_last_lr()[0],

@@ -1,0 +1,127 @@
+"""The fast engine's Triton kernels against their PyTorch references on the Llama-3.2-1B decode shape:
+agreement (bf16 and fp32) and time per call, next to the SDPA / top-k paths they replace.
+
+    python bench/kernels.py --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, device_name, emit  # noqa: E402
+
+from posttrain.engine import kernels  # noqa: E402
+
+
+def bench(fn, reps=50):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=reps)  # ms
+
+
+def topk_sample(logits, temperature=0.7, top_p=0.9, k=256):
+    """The sampler the kernel replaced: top-k candidates, nucleus inside them, Gumbel-max."""
+    lse = torch.logsumexp(logits.float() / temperature, -1)
+    vals, idx = torch.topk(logits, k, dim=-1)
+    vals = vals.float() / temperature
+    probs = torch.exp(vals - lse[:, None])
+    keep = (torch.cumsum(probs, -1) - probs) < top_p
+    gumbel = -torch.log(-torch.log(torch.rand_like(vals).clamp_(1e-20, 1.0)))
+    choice = torch.where(keep, vals + gumbel, torch.full_like(vals, float("-inf"))).argmax(-1)
+    return idx.gather(-1, choice[:, None])[:, 0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="kernels.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    rows = [{"device": device_name(), "copy_bandwidth_TBps": bw / 1e12, "torch": torch.__version__}]
+    hkv, g, d, cap = 8, 4, 64, 512
+    for n, ctx in ((256, 310), (256, 460), (64, 310), (8, 460)):
+        kc = torch.randn(n, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        q = torch.randn(n, hkv * g, d, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((n,), ctx, device="cuda", dtype=torch.long)
+        span = (ctx + 63) // 64 * 64
+        ours = kernels.decode_attention(q, kc, vc, lens, 0.125, span)
+        ref = kernels.decode_attention_ref(q.float(), kc.float(), vc.float(), lens, 0.125)
+        err = (ours.float() - ref).abs().max().item()
+        mask = (torch.arange(span, device="cuda")[None] < lens[:, None])[:, None, None]
+        t_ours = bench(lambda: kernels.decode_attention(q, kc, vc, lens, 0.125, span))
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
+                                                             scale=0.125, enable_gqa=True))
+        kv_bytes = 2 * n * hkv * ctx * d * 2
+        rows.append({"op": "decode_attention", "rows": n, "context": ctx, "max_abs_err_vs_fp32": err,
+                     "ms_triton": t_ours, "ms_sdpa": t_sdpa, "GBps_triton": kv_bytes / t_ours / 1e6,
+                     "fraction_of_copy_bw": kv_bytes / t_ours / 1e-3 / bw})
+        print(rows[-1], flush=True)
+    # fp32 caches (the exactness check runs the model in fp32): IEEE dot products
+    q32, k32, v32 = q.float(), kc.float(), vc.float()
+    err32 = (kernels.decode_attention(q32, k32, v32, lens, 0.125) - kernels.decode_attention_ref(q32, k32, v32, lens, 0.125)).abs().max().item()
+    rows.append({"op": "decode_attention_fp32", "max_abs_err": err32})
+    print(rows[-1], flush=True)
+    for n, vocab, scale in ((256, 128256, 1.0), (256, 128256, 0.02), (64, 128256, 4.0)):
+        logits = (torch.randn(n, vocab, device="cuda") * scale).to(torch.bfloat16)
+        agree = {}
+        for tp in (0.9, 1.0, 0.3):
+            u = torch.rand(n, kernels.NUM_CANDIDATES * kernels.ROUNDS if tp < 1 else 1, device="cuda")
+            a, la = kernels.sample(logits, 0.7, tp, u)
+            b, lb = kernels.sample_ref(logits, 0.7, tp, u)
+            agree[str(tp)] = {"same_tokens": int((a == b).sum()), "of": n, "logp_max_err": (la - lb).abs().max().item()}
+        t_k = bench(lambda: kernels.sample(logits, 0.7, 0.9))
+        t_k1 = bench(lambda: kernels.sample(logits, 0.7, 1.0))
+        t_top = bench(lambda: topk_sample(logits))
+        rows.append({"op": "sample", "rows": n, "vocab": vocab, "logit_scale": scale, "agreement_vs_ref": agree,
+                     "ms_kernel_top_p_0.9": t_k, "ms_kernel_no_top_p": t_k1, "ms_topk256_path": t_top})
+        print(rows[-1], flush=True)
+    # Launch-setting sweeps at batch 256 (the engine's defaults live in kernels.ATTN / kernels.SAMPLE).
+    n, ctx = 256, 310
+    kc = torch.randn(n, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(n, hkv * g, d, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((n,), ctx, device="cuda", dtype=torch.long)
+    kv_bytes = 2 * n * hkv * ctx * d * 2
+    default_attn, default_sample = dict(kernels.ATTN), dict(kernels.SAMPLE)
+    sweep = []
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                for min_splits in (1, 2):
+                    kernels.ATTN.update(block_n=block_n, num_warps=warps, num_stages=stages, min_splits=min_splits)
+                    try:
+                        t = bench(lambda: kernels.decode_attention(q, kc, vc, lens, 0.125, 320))
+                    except Exception as e:  # some settings do not compile (shared memory)
+                        t = float("nan")
+                    sweep.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "min_splits": min_splits,
+                                  "ms": t, "GBps": kv_bytes / t / 1e6})
+    kernels.ATTN.update(default_attn)
+    best = min((r for r in sweep if r["ms"] == r["ms"]), key=lambda r: r["ms"])
+    rows.append({"op": "decode_attention_sweep", "best": best, "all": sweep})
+    print("attention best", best, flush=True)
+    logits = torch.randn(256, 128256, device="cuda").to(torch.bfloat16)
+    sweep = []
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            kernels.SAMPLE.update(block=block, num_warps=warps)
+            try:
+                t = bench(lambda: kernels.sample(logits, 0.7, 0.9))
+            except Exception:
+                t = float("nan")
+            sweep.append({"block": block, "num_warps": warps, "ms": t})
+    kernels.SAMPLE.update(default_sample)
+    best = min((r for r in sweep if r["ms"] == r["ms"]), key=lambda r: r["ms"])
+    rows.append({"op": "sample_sweep", "best": best, "all": sweep})
+    print("sample best", best, flush=True)
+    emit(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
