@@ -21,7 +21,7 @@ policy decodes with its LoRA adapters live and in sync with training: no merge s
 
 Sampling is exact: the token follows softmax(logits / T) renormalised over the top-p nucleus (see
 ``kernels`` for the one approximation, a fall-back to the most likely token with probability at most
-(1 - top_p)^8 per step).
+(1 - top_p)^32 per step).
 """
 
 from __future__ import annotations
