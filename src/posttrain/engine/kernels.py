@@ -36,6 +36,7 @@ ROUNDS = 4  # rounds of candidates before falling back to the most likely token
 ATTN = {"block_n": 64, "num_warps": 2, "num_stages": 2, "min_splits": 1}
 SAMPLE = {"block": 4096, "num_warps": 8}
 
+
 def triton_ready(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
@@ -269,7 +270,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float, span: int | Non
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None = None):
     """One token per row from softmax(logits / T) restricted to the top-p nucleus, and its log-prob
-    under softmax(logits / T). ``uniforms`` [n, K] (default: fresh ``torch.rand``)."""
+    under softmax(logits / T). ``uniforms``: [n, ROUNDS * NUM_CANDIDATES] with top-p, else [n, 1]
+    (default: fresh ``torch.rand``, which CUDA graphs replay with new draws)."""
     n, vocab = logits.shape
     if uniforms is None:
         uniforms = torch.rand((n, NUM_CANDIDATES * ROUNDS if top_p < 1.0 else 1), device=logits.device)
