@@ -23,7 +23,8 @@ def test_greedy_identical_to_hf(tiny_model, tiny_tokenizer, batch_size):
     prompts = _prompts(tiny_tokenizer)
     params = SamplingParams(max_new_tokens=40, logprobs=True)
     hf = HFEngine(tiny_model, tiny_tokenizer, 16).generate(prompts, params)
-    fast = FastEngine(tiny_model, tiny_tokenizer, batch_size).generate(prompts, params)
+    # batch 5 also prefills in several small chunks (prompts of 20..125 tokens, 200-token budget)
+    fast = FastEngine(tiny_model, tiny_tokenizer, batch_size, prefill_tokens=200 if batch_size == 5 else 16384).generate(prompts, params)
     assert [c.token_ids for c in fast] == [c.token_ids for c in hf]
     assert [c.text for c in fast] == [c.text for c in hf]
     for a, b in zip(hf, fast):
@@ -52,6 +53,17 @@ def test_stop_strings(tiny_model, tiny_tokenizer):
         pytest.skip("no usable stop string in this model's output")
     out = FastEngine(tiny_model, tiny_tokenizer, 4, sync_every=1).generate(prompts, SamplingParams(max_new_tokens=16, stop=[stop]))
     assert stop not in out[0].text and out[0].finish_reason == "stop" and free[0].text.startswith(out[0].text)
+
+
+def test_prefill_chunks_bound_padded_tokens():
+    from posttrain.engine.fast import _prefill_chunks
+
+    lengths = [5, 50, 3, 100, 7, 7, 7]
+    chunks = _prefill_chunks(lengths, 120)
+    assert chunks == [(0, 2), (2, 3), (3, 4), (4, 7)]
+    for a, b in chunks:  # padded size within budget (a lone prompt may exceed it)
+        assert (b - a) * max(lengths[a:b]) <= 120 or b - a == 1
+    assert _prefill_chunks([500], 100) == [(0, 1)] and _prefill_chunks([], 10) == []
 
 
 class _StubTok:

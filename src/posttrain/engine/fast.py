@@ -70,6 +70,20 @@ def _lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
+def _prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) slices whose padded size (rows × longest) stays within ``budget``
+    tokens (always at least one prompt): big prefill products, bounded activation memory."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > budget:
+            out.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        out.append((start, len(lengths)))
+    return out
+
+
 def _rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
@@ -78,7 +92,7 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 8, prefill_batch: int = 32, compile: bool = True):
+                 sync_every: int = 8, prefill_tokens: int = 16384, compile: bool = True):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"fast engine does not support this model: {why}")
@@ -95,7 +109,7 @@ class FastEngine(Engine):
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
         self.batch_size = max(1, batch_size)
         self.sync_every = sync_every
-        self.prefill_batch = prefill_batch
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (bounds its memory)
         self.device = next(model.parameters()).device
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
@@ -140,8 +154,8 @@ class FastEngine(Engine):
         """Run each prompt once; write its K/V into cache rows ``rows`` (one list of rows per prompt's
         group); return the last-position logits [P, V] (fp32)."""
         out = []
-        for start in range(0, len(prompts), self.prefill_batch):
-            chunk = prompts[start:start + self.prefill_batch]
+        for start, stop in _prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
+            chunk = prompts[start:stop]
             lens = torch.tensor([len(p) for p in chunk], device=self.device)
             width = int(lens.max())
             ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
