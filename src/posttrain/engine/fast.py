@@ -113,7 +113,6 @@ class FastEngine(Engine):
         self.device = next(model.parameters()).device
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
-        self.triton = kernels.triton_ready(self.device)
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self._graphs: dict = {}
         self._cache_shape = None
@@ -181,7 +180,7 @@ class FastEngine(Engine):
         return torch.cat(out)
 
     # ------------------------------------------------------------------------------------ decode --
-    def _forward_step(self, tokens, pos, ar, span_idx, caches, span: int):
+    def _forward_step(self, tokens, pos, ar, caches, span: int):
         """Logits [n, V] for one new token per row at positions ``pos``, attending to [0, span).
 
         Pure tensor code (no host syncs): it is captured in a CUDA graph, optionally after
@@ -189,7 +188,6 @@ class FastEngine(Engine):
         n = tokens.shape[0]
         h = self.inner.embed_tokens(tokens[:, None])  # [n, 1, D]
         cos, sin = self._rope(h, pos[:, None])
-        mask = (span_idx[:span][None] <= pos[:, None])[:, None, None]  # [n, 1, 1, span]
         for li, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
@@ -197,11 +195,7 @@ class FastEngine(Engine):
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
             # Grouped-query attention: each KV head is read once for the queries that share it.
-            if self.triton:
-                o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
-            else:
-                o = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
-                                                   scale=self.scaling, enable_gqa=self.group > 1)[:, :, 0]
+            o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
             h = h + attn.o_proj(o.reshape(n, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.base.lm_head(self.inner.norm(h[:, 0]))
@@ -210,7 +204,7 @@ class FastEngine(Engine):
         """One decode step for rows [0, n): reads st['tokens'], st['pos'], writes st['next'],
         st['logp'], updates st['done'] and advances tokens/pos."""
         tokens, pos = st["tokens"][:n], st["pos"][:n]
-        logits = self._fwd(tokens, pos, st["arange"][:n], st["span_idx"], st["caches_flat"], span)
+        logits = self._fwd(tokens, pos, st["arange"][:n], st["caches_flat"], span)
         nxt, lp = self._sample(logits, st["params"])
         done = st["done"][:n]
         nxt = torch.where(done, torch.full_like(nxt, st["pad"]), nxt)
@@ -274,7 +268,6 @@ class FastEngine(Engine):
                 "logp": torch.zeros(rows, dtype=torch.float32, device=self.device),
                 "done": torch.zeros(rows, dtype=torch.bool, device=self.device),
                 "arange": torch.arange(rows, device=self.device),
-                "span_idx": torch.arange(max_len, device=self.device),
             }
             self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         rows_c, _, len_c, _ = self._cache_shape

@@ -43,14 +43,14 @@ def triton_ready(device: torch.device) -> bool:
 
 # ------------------------------------------------------------------------------- references --
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """q [n, H, d], caches [R >= n, Hkv, L, d], lengths [n] (positions 0..len-1 are valid) -> [n, H, d]."""
+                         scale: float, span: int | None = None) -> torch.Tensor:
+    """q [n, H, d], caches [R >= n, Hkv, L, d], lengths [n] (positions 0..len-1 are valid, len <= span)
+    -> [n, H, d]. Reads positions [0, span) only (default: the whole cache)."""
     n, h, d = q.shape
-    hkv = k_cache.shape[1]
-    span = k_cache.shape[2]
-    mask = (torch.arange(span, device=q.device)[None] < lengths[:, None])[:, None, None]  # [n, 1, 1, L]
-    o = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n], v_cache[:n], attn_mask=mask, scale=scale,
-                                       enable_gqa=h != hkv)
+    span = span or k_cache.shape[2]
+    mask = (torch.arange(span, device=q.device)[None] < lengths[:, None])[:, None, None]  # [n, 1, 1, span]
+    o = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n, :, :span], v_cache[:n, :, :span], attn_mask=mask,
+                                       scale=scale, enable_gqa=h != k_cache.shape[1])
     return o[:, :, 0]
 
 
@@ -262,9 +262,9 @@ def _decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, span: i
 
 def decode_attention(q, k_cache, v_cache, lengths, scale: float, span: int | None = None) -> torch.Tensor:
     """Attention of one new token per row; Triton on CUDA, the SDPA reference elsewhere.
-    ``span`` bounds the lengths (it sizes the splits); default: the cache length."""
+    ``span`` bounds the lengths (it sizes the splits, and what the reference reads); default: the cache length."""
     if not triton_ready(q.device):
-        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale, span)
     return torch.ops.posttrain.decode_attention(q, k_cache, v_cache, lengths, float(scale), int(span or k_cache.shape[2]))
 
 
