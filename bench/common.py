@@ -49,6 +49,12 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def save(path, rows):
+    """Write what is measured so far (a run cut short still leaves its rows)."""
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+
+
 def emit(path, rows):
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)

@@ -20,9 +20,13 @@ from posttrain.engine import kernels  # noqa: E402
 
 
 def bench(fn, reps=50):
-    from triton.testing import do_bench
+    """GPU time per call in ms, replayed from a CUDA graph as the engine runs it (a plain timing of
+    a few-microsecond kernel measures Python's launch overhead instead)."""
+    from triton.testing import do_bench_cudagraph
 
-    return do_bench(fn, warmup=10, rep=reps)  # ms
+    fn()  # compile before capture
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=reps)
 
 
 def topk_sample(logits, temperature=0.7, top_p=0.9, k=256):
@@ -72,10 +76,16 @@ def main():
         logits = (torch.randn(n, vocab, device="cuda") * scale).to(torch.bfloat16)
         agree = {}
         for tp in (0.9, 1.0, 0.3):
-            u = torch.rand(n, kernels.NUM_CANDIDATES * kernels.ROUNDS if tp < 1 else 1, device="cuda")
+            u = torch.rand(n, kernels.uniforms_per_row(tp), device="cuda")
             a, la = kernels.sample(logits, 0.7, tp, u)
             b, lb = kernels.sample_ref(logits, 0.7, tp, u)
             agree[str(tp)] = {"same_tokens": int((a == b).sum()), "of": n, "logp_max_err": (la - lb).abs().max().item()}
+        # every row's first round rejected (candidates deep in the tail): the per-row restart path
+        u = torch.rand(n, kernels.uniforms_per_row(0.3), device="cuda")
+        u[:, :kernels.NUM_CANDIDATES] = 0.99999
+        a, la = kernels.sample(logits, 0.7, 0.3, u)
+        b, lb = kernels.sample_ref(logits, 0.7, 0.3, u)
+        agree["0.3_restart"] = {"same_tokens": int((a == b).sum()), "of": n, "logp_max_err": (la - lb).abs().max().item()}
         t_k = bench(lambda: kernels.sample(logits, 0.7, 0.9))
         t_k1 = bench(lambda: kernels.sample(logits, 0.7, 1.0))
         t_top = bench(lambda: topk_sample(logits))
@@ -108,14 +118,14 @@ def main():
     print("attention best", best, flush=True)
     logits = torch.randn(256, 128256, device="cuda").to(torch.bfloat16)
     sweep = []
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            kernels.SAMPLE.update(block=block, num_warps=warps)
+    for chunk in (1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8, 16):
+            kernels.SAMPLE.update(chunk=chunk, chunk_warps=warps)
             try:
                 t = bench(lambda: kernels.sample(logits, 0.7, 0.9))
             except Exception:
                 t = float("nan")
-            sweep.append({"block": block, "num_warps": warps, "ms": t})
+            sweep.append({"chunk": chunk, "chunk_warps": warps, "ms": t})
     kernels.SAMPLE.update(default_sample)
     best = min((r for r in sweep if r["ms"] == r["ms"]), key=lambda r: r["ms"])
     rows.append({"op": "sample_sweep", "best": best, "all": sweep})

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_name, emit, llama32_1b  # noqa: E402
+from common import copy_bandwidth, device_name, emit, llama32_1b, save  # noqa: E402
 
 from posttrain.engine import SamplingParams  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--out", default="rollout.json")
     ap.add_argument("--skip-static", action="store_true")
     ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--eager-too", action="store_true", help="also time the engine with CUDA graphs but no torch.compile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     bw = copy_bandwidth()
@@ -81,7 +82,7 @@ def main():
         ps = prompts(b)
         floor = floor_tokens_per_s(model, b, bw, mean_ctx)
         engines = [("hf_dynamic", HFEngine(model, tok, batch_size=b))]
-        for name, compiled in (("fast_eager_graphs", False), ("fast", True)):
+        for name, compiled in ((("fast_eager_graphs", False),) if args.eager_too else ()) + (("fast", True),):
             try:
                 fast = FastEngine(model, tok, batch_size=b, compile=compiled)
                 fast.generate(ps, SamplingParams(max_new_tokens=NEW, temperature=0.7, top_p=0.9, ignore_eos=True))  # warm-up: compile, capture
@@ -104,6 +105,16 @@ def main():
                          decode_tokens_per_s=b / step_ms * 1000, decode_fraction_of_floor=b / step_ms * 1000 / floor)
             rows.append(r)
             print(r, flush=True)
+            if name == "fast" and b % 8 == 0:
+                # GRPO-shaped: b / 8 prompts × 8 samples, each prompt prefilled once for its group.
+                grpo = SamplingParams(max_new_tokens=NEW, temperature=0.7, top_p=0.9, ignore_eos=True, seed=0, n=8)
+                eng.generate(ps[: b // 8], grpo)
+                r = run(eng, ps[: b // 8], grpo)
+                r.update(engine=name, batch=b, workload=f"grpo_{b // 8}_prompts_x8", floor_tokens_per_s=floor,
+                         fraction_of_floor=r["tokens_per_s"] / floor)
+                rows.append(r)
+                print(r, flush=True)
+            save(args.out, rows)
             gc.collect()
             torch.cuda.empty_cache()
     # Rows finishing at varied lengths: ~1/150 of the vocabulary counts as EOS, so lengths are
@@ -120,6 +131,7 @@ def main():
             r.update(engine=name, batch=b, workload="varied_lengths")
             rows.append(r)
             print(r, flush=True)
+            save(args.out, rows)
     model.generation_config.eos_token_id = tok.eos_token_id
     # GSM8K-test-sized evaluation: 1319 prompts × 300 greedy tokens.
     ps = prompts(1319, seed=2)
@@ -130,6 +142,7 @@ def main():
         r.update(engine="fast", batch=b, workload="gsm8k_test_eval_1319x300")
         rows.append(r)
         print(r, flush=True)
+        save(args.out, rows)
     # Greedy exactness vs HF generate in fp32 (TF32 off), 8 prompts × 64 tokens.
     del fast
     gc.collect()

@@ -128,6 +128,85 @@ def test_lora_adapter_is_live(tiny_model, tiny_tokenizer):
     assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf2]
 
 
+def _arch_model(arch, vocab):
+    import transformers
+
+    cls = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=True, initializer_range=0.3, sliding_window=None)
+    model = getattr(transformers, cls + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("merge", [True, False])
+def test_other_architectures_greedy_identical_to_hf(arch, merge, tiny_tokenizer):
+    model = _arch_model(arch, len(tiny_tokenizer))
+    assert supports(model)[0]
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None  # the fused q|k|v bias is exercised
+    prompts = _prompts(tiny_tokenizer, 6)
+    params = SamplingParams(max_new_tokens=24)
+    hf = HFEngine(model, tiny_tokenizer, 6).generate(prompts, params)
+    fast = FastEngine(model, tiny_tokenizer, 6, merge_weights=merge).generate(prompts, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in hf]
+
+
+def test_full_finetuning_updates_are_seen(tiny_model, tiny_tokenizer):
+    """Optimizer steps change weights in place between rollouts; the stacked q|k|v and gate|up copies
+    must follow at the next generate."""
+    prompts = _prompts(tiny_tokenizer, 4)
+    params = SamplingParams(max_new_tokens=20)
+    engine = FastEngine(tiny_model, tiny_tokenizer, 4)
+    before = [c.token_ids for c in engine.generate(prompts, params)]
+    with torch.no_grad():
+        for layer in tiny_model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(-1.5)
+            layer.mlp.up_proj.weight.mul_(2.0)
+    expected = [c.token_ids for c in HFEngine(tiny_model, tiny_tokenizer, 4).generate(prompts, params)]
+    assert expected != before  # the change matters ...
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected  # ... and is seen
+
+
+def test_merged_projection_equals_the_modules(tiny_model):
+    """q|k|v stacked with a LoRA adapter merged: one GEMM gives what the three PEFT modules give."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.engine.fast import _Proj
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj"]))
+    attn = peft_model.get_base_model().model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.lora_B["default"].weight.normal_(0, 1.0)
+    peft_model.eval()
+    base_before = attn.k_proj.base_layer.weight.clone()
+    proj = _Proj([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert torch.equal(attn.k_proj.base_layer.weight, base_before)  # merging never writes into the model
+    o_proj = _Proj([attn.o_proj])
+    assert o_proj.own and o_proj.weight is attn.o_proj.weight  # a plain Linear is not copied
+    x = torch.randn(3, 64)
+    want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    # hand-computed: k = x (W + 3·B·A)^T  (alpha 6 / r 2 = 3)
+    lora = attn.k_proj
+    k_hand = x @ (lora.base_layer.weight + 3.0 * lora.lora_B["default"].weight @ lora.lora_A["default"].weight).T
+    assert (want[:, 64:96] - k_hand).abs().max() < 1e-4
+    assert (F.linear(x, proj.weight, proj.bias) - want).abs().max() < 1e-4
+    with torch.no_grad():  # a training step on the adapter; refresh rewrites the same buffer
+        lora.lora_B["default"].weight.mul_(-1)
+    ptr = proj.weight.data_ptr()
+    assert proj.refresh() is False and proj.weight.data_ptr() == ptr
+    want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    assert (F.linear(x, proj.weight, proj.bias) - want).abs().max() < 1e-4
+
+
 def test_unsupported_model_falls_back_with_notice(tiny_tokenizer, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -28,7 +28,7 @@ def test_sample_ref_matches_the_nucleus_distribution(temperature, top_p):
     logits = torch.tensor([2.0, 1.7, 1.5, 1.0, 0.3, 0.0, -0.5, -2.0, -3.0, 1.6])
     n = 40000
     tok, logp = kernels.sample_ref(logits.expand(n, -1), temperature, top_p,
-                                   torch.rand(n, kernels.NUM_CANDIDATES * kernels.ROUNDS if top_p < 1 else 1))
+                                   torch.rand(n, kernels.uniforms_per_row(top_p)))
     p = torch.softmax(logits.double() / temperature, -1)
     keep = _nucleus(p, top_p)
     counts = torch.bincount(tok, minlength=len(logits)).double()
@@ -43,21 +43,24 @@ def test_sample_ref_matches_the_nucleus_distribution(temperature, top_p):
 
 
 def test_sample_ref_next_round_draws_above_the_rejected_pivot():
-    """Round 1's candidates all land in the tail; round 2 draws only from tokens above the likeliest
-    of them, so it lands in the nucleus instead of falling back to the argmax."""
+    """The wide first round and the restart's first round put every candidate in the tail; the
+    restart's second round draws only from tokens above the likeliest of them, so it lands in the
+    nucleus instead of falling back to the argmax."""
     logits = torch.log(torch.tensor([[0.30, 0.25, 0.20, 0.15, 0.10]]))
-    k, rounds = kernels.NUM_CANDIDATES, kernels.ROUNDS
-    u = torch.full((1, k * rounds), 0.97)  # round 1: every candidate is token 4 (cdf 0.90..1.0): outside top_p 0.5
-    u[0, k] = 0.5  # round 2, first candidate: 0.5 of the mass above token 4 (0.9) = 0.45 -> token 1 (cdf 0.30..0.55)
+    k = kernels.NUM_CANDIDATES
+    u = torch.full((1, kernels.uniforms_per_row(0.5)), 0.97)  # every candidate is token 4 (cdf 0.90..1.0): outside top_p 0.5
+    u[0, 2 * k] = 0.5  # restart, round 2, first candidate: 0.5 of the mass above token 4 (0.9) = 0.45 -> token 1 (cdf 0.30..0.55)
     tok, _ = kernels.sample_ref(logits, 1.0, 0.5, u)
     assert tok.item() == 1  # in the nucleus {0, 1}; not the argmax fall-back (0)
-    u[0, k] = 0.2  # 0.18 of the mass -> token 0
+    u[0, 2 * k] = 0.2  # 0.18 of the mass -> token 0
     assert kernels.sample_ref(logits, 1.0, 0.5, u)[0].item() == 0
+    u[0, 3] = 0.4  # a first-round candidate inside the nucleus (token 1) decides at once
+    assert kernels.sample_ref(logits, 1.0, 0.5, u)[0].item() == 1
 
 
 def test_sample_ref_keeps_ties_at_the_edge():
     logits = torch.zeros(1, 4)  # all tied: no token is strictly likelier, so all are in any nucleus
-    seen = {kernels.sample_ref(logits, 1.0, 0.3, torch.full((1, kernels.NUM_CANDIDATES * kernels.ROUNDS), u))[0].item()
+    seen = {kernels.sample_ref(logits, 1.0, 0.3, torch.full((1, kernels.uniforms_per_row(0.3)), u))[0].item()
             for u in (0.1, 0.35, 0.6, 0.9)}
     assert seen == {0, 1, 2, 3}
 

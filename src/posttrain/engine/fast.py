@@ -16,8 +16,13 @@ through Python, so small decode steps are launch-bound. This engine:
 * compacts the batch when enough rows have finished (EOS or stop string), moving live rows to the
   front and switching to a smaller captured graph, so finished sequences stop costing work.
 
-It calls the model's own modules (projections, norms, MLPs, rotary embedding), so a PEFT-wrapped
-policy decodes with its LoRA adapters live and in sync with training: no merge step, no copy.
+Projections run on inference weights that every ``generate`` call refreshes from the model (a few
+milliseconds): q|k|v as one matrix and gate|up as one, so a decode step makes two GEMMs where it
+made five, and LoRA adapters merged in (W + scale·B·A), so an adapter being trained costs no extra
+GEMMs and the rollouts always see the current policy. A plain projection that needs neither (o, down
+without LoRA) is the model's own weight, no copy. ``merge_weights=False`` keeps the memory instead
+and calls the model's modules (LoRA live). Norms, MLP activation, rotary embedding and lm_head are
+always the model's own modules.
 
 Sampling is exact: the token follows softmax(logits / T) renormalised over the top-p nucleus (see
 ``kernels`` for the one approximation, a fall-back to the most likely token with probability at most
@@ -88,11 +93,81 @@ def _rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
 
+def _linear_parts(module):
+    """(weight, bias, LoRA adapters) of a projection: a plain ``nn.Linear`` (no adapters), or a PEFT
+    LoRA layer with its active, unmerged adapters as (lora_B, lora_A, scale); None for anything else
+    (DoRA, quantized or custom layers), which the engine then calls as modules."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight, module.bias, []
+    base = getattr(module, "base_layer", None)
+    if not isinstance(base, torch.nn.Linear) or not hasattr(module, "lora_A"):
+        return None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return base.weight, base.bias, []  # PEFT's own forward then uses the base layer alone
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if getattr(module, "use_dora", {}).get(name, False):
+            return None
+        adapters.append((module.lora_B[name], module.lora_A[name], module.scaling[name]))
+    return base.weight, base.bias, adapters
+
+
+class _Proj:
+    """Projections of one input as a single (weight, bias): q|k|v stacked, gate|up stacked, LoRA
+    merged in. A lone plain Linear is used as it is (the model's own tensors, no copy); anything else
+    lives in a buffer that ``refresh`` rewrites in place, so captured CUDA graphs stay valid."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.weight, self.bias, self.own = None, None, False
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Bring the weights up to date with the modules; True when the tensors moved (captured
+        graphs point at the old ones)."""
+        parts = [_linear_parts(m) for m in self.modules]
+        if len(parts) == 1 and not parts[0][2]:
+            w, b, _ = parts[0]
+            moved = not self.own or w.data_ptr() != self.weight.data_ptr()
+            self.weight, self.bias, self.own = w, b, True
+            return moved
+        moved = self.own or self.weight is None
+        if moved:
+            w0 = parts[0][0]
+            rows = sum(w.shape[0] for w, _, _ in parts)
+            self.weight = torch.empty((rows, w0.shape[1]), dtype=w0.dtype, device=w0.device)
+            biased = any(b is not None or any(lb.bias is not None for lb, _, _ in ad) for _, b, ad in parts)
+            self.bias = torch.zeros(rows, dtype=w0.dtype, device=w0.device) if biased else None
+            self.own = False
+        row = 0
+        for w, b, adapters in parts:
+            out = slice(row, row + w.shape[0])
+            if adapters:  # merged in fp32, rounded once
+                acc = w.float().clone()  # never the model's own tensor (fp32 .float() is a no-op)
+                for lb, la, scale in adapters:
+                    acc.addmm_(lb.weight.float(), la.weight.float(), alpha=scale)
+                self.weight[out].copy_(acc)
+            else:
+                self.weight[out].copy_(w)
+            if self.bias is not None:
+                acc = b.float() if b is not None else torch.zeros(w.shape[0], device=w.device)
+                for lb, _, scale in adapters:
+                    if lb.bias is not None:
+                        acc = acc + scale * lb.bias.float()
+                self.bias[out].copy_(acc)
+            row += w.shape[0]
+        return moved
+
+
 class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 8, prefill_tokens: int = 16384, compile: bool = True):
+                 sync_every: int = 8, prefill_tokens: int = 16384, compile: bool = True,
+                 merge_weights: bool = True):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"fast engine does not support this model: {why}")
@@ -105,6 +180,7 @@ class FastEngine(Engine):
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.group = self.n_heads // self.n_kv
+        self.gqa = bool(self.group > 1)  # a plain bool: torch.compile would make the comparison symbolic
         attn0 = self.inner.layers[0].self_attn
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
         self.batch_size = max(1, batch_size)
@@ -115,23 +191,62 @@ class FastEngine(Engine):
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self._graphs: dict = {}
+        self._pool = None
         self._cache_shape = None
+        self.merge_weights = merge_weights
+        self._w = None  # per layer {"qkv", "o", "gu", "down"}: _Proj, built at the first generate
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
-        self._fwd, self._lse_impl = self._forward_step, _lse
+        self._fwd, self._prefill_fwd, self._lse_impl = self._forward_step, self._prefill_forward, _lse
         if self.device.type == "cuda" and compile:
-            # Fuse the step's many small elementwise kernels (norms, rotary, residuals, sampling math).
+            # Fuse the many small elementwise kernels (norms, rotary, residuals, activations).
             self._fwd = torch.compile(self._forward_step, dynamic=True)
+            self._prefill_fwd = torch.compile(self._prefill_forward, dynamic=True)
             self._lse_impl = torch.compile(_lse, dynamic=True)
         self._no_eos = torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------------------ model pieces --
-    def _qkv(self, attn, x, cos, sin):
+    def _refresh_weights(self):
+        """Rebuild the inference weights from the model (see the module docstring); drop captured
+        graphs if any tensor moved."""
+        if not self.merge_weights:
+            return
+        if self._w is None:
+            layers = []
+            for layer in self.inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                groups = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "o": [a.o_proj],
+                          "gu": [m.gate_proj, m.up_proj], "down": [m.down_proj]}
+                if any(_linear_parts(mod) is None for mods in groups.values() for mod in mods):
+                    self.merge_weights = False  # e.g. DoRA: call the modules instead
+                    return
+                layers.append({k: _Proj(mods) for k, mods in groups.items()})
+            self._w = layers
+            self._drop_graphs()
+            return
+        if any([p.refresh() for w in self._w for p in w.values()]):
+            self._drop_graphs()
+
+    def _drop_graphs(self):
+        """Forget captured graphs; later captures go to a fresh memory pool (the old one is released
+        with its graphs and cannot take new ones)."""
+        self._graphs.clear()
+        if self.use_graphs and self._pool is not None:
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def _qkv(self, li, layer, x, cos, sin):
         """x: [N, T, D] -> q [N, H, T, d], k/v [N, Hkv, T, d] with rotary applied."""
         n, t, _ = x.shape
-        q = attn.q_proj(x).view(n, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(n, t, self.n_kv, self.head_dim)
-        v = attn.v_proj(x).view(n, t, self.n_kv, self.head_dim)
+        attn = layer.self_attn
+        if self._w is not None:
+            p = self._w[li]["qkv"]
+            q, k, v = F.linear(x, p.weight, p.bias).split(
+                [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.reshape(n, t, self.n_heads, self.head_dim)
+        k = k.reshape(n, t, self.n_kv, self.head_dim)
+        v = v.reshape(n, t, self.n_kv, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,6 +254,20 @@ class FastEngine(Engine):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
+
+    def _o(self, li, layer, x):
+        if self._w is None:
+            return layer.self_attn.o_proj(x)
+        p = self._w[li]["o"]
+        return F.linear(x, p.weight, p.bias)
+
+    def _mlp(self, li, layer, x):
+        """The gated MLP, act(gate(x)) * up(x) -> down, with gate|up as one GEMM."""
+        if self._w is None:
+            return layer.mlp(x)
+        gu, down = self._w[li]["gu"], self._w[li]["down"]
+        gate, up = F.linear(x, gu.weight, gu.bias).chunk(2, -1)
+        return F.linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias)
 
     def _lse(self, logits, temperature):
         return self._lse_impl(logits, temperature)
@@ -149,35 +278,37 @@ class FastEngine(Engine):
 
     # ----------------------------------------------------------------------------------- prefill --
     @torch.no_grad()
-    def _prefill(self, prompts: list[list[int]], caches, rows: torch.Tensor):
+    def _prefill(self, prompts: list[list[int]], caches_flat, rows: torch.Tensor):
         """Run each prompt once; write its K/V into cache rows ``rows`` (one list of rows per prompt's
         group); return the last-position logits [P, V] (fp32)."""
         out = []
         for start, stop in _prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
             chunk = prompts[start:stop]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=self.device)
             lens = torch.tensor([len(p) for p in chunk], device=self.device)
-            width = int(lens.max())
-            ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-            for i, p in enumerate(chunk):
-                ids[i, : len(p)] = torch.tensor(p, device=self.device)
-            pos = torch.arange(width, device=self.device)[None].expand(len(chunk), -1)
-            h = self.inner.embed_tokens(ids)
-            cos, sin = self._rope(h, pos)
-            dest = rows[start:start + len(chunk)]  # [p, G]
-            for li, layer in enumerate(self.inner.layers):
-                attn = layer.self_attn
-                q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
-                # Right padding + causal mask: real tokens never see the padding after them.
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.group > 1)
-                h = h + attn.o_proj(o.transpose(1, 2).reshape(len(chunk), width, -1))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-                kc, vc = caches[li]
-                g = dest.shape[1]
-                kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
-                vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
-            last = h[torch.arange(len(chunk), device=self.device), lens - 1]
-            out.append(self.base.lm_head(self.inner.norm(last)).float())
+            out.append(self._prefill_fwd(ids, lens, rows[start:stop], caches_flat))
         return torch.cat(out)
+
+    def _prefill_forward(self, ids, lens, dest, caches_flat):
+        """Last-position logits [p, V] (fp32) of right-padded prompts ``ids`` [p, W]; each prompt's K/V
+        go to its cache rows ``dest`` [p, G]. Pure tensor code, so torch.compile can fuse it."""
+        p, width = ids.shape
+        g = dest.shape[1]
+        pos = torch.arange(width, device=ids.device)[None].expand(p, -1)
+        h = self.inner.embed_tokens(ids)
+        cos, sin = self._rope(h, pos)
+        for li, layer in enumerate(self.inner.layers):
+            q, k, v = self._qkv(li, layer, layer.input_layernorm(h), cos, sin)
+            # Right padding + causal mask: real tokens never see the padding after them.
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
+            h = h + self._o(li, layer, o.transpose(1, 2).reshape(p, width, -1))
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
+            kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
+            kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
+            vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
+        last = h[torch.arange(p, device=h.device), lens - 1]
+        return self.base.lm_head(self.inner.norm(last)).float()
 
     # ------------------------------------------------------------------------------------ decode --
     def _forward_step(self, tokens, pos, ar, caches, span: int):
@@ -189,15 +320,14 @@ class FastEngine(Engine):
         h = self.inner.embed_tokens(tokens[:, None])  # [n, 1, D]
         cos, sin = self._rope(h, pos[:, None])
         for li, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
+            q, k, v = self._qkv(li, layer, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
             kc, vc = caches[2 * li], caches[2 * li + 1]
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
             # Grouped-query attention: each KV head is read once for the queries that share it.
             o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
-            h = h + attn.o_proj(o.reshape(n, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._o(li, layer, o.reshape(n, 1, -1))
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
         return self.base.lm_head(self.inner.norm(h[:, 0]))
 
     def _decode(self, st: dict, n: int, span: int):
@@ -256,7 +386,7 @@ class FastEngine(Engine):
         """Buffers for one generation call; the KV cache is reused across calls when it fits."""
         shape = (rows, self.n_kv, max_len, self.head_dim)
         if self._cache_shape is None or any(a < b for a, b in zip(self._cache_shape, shape)):
-            self._graphs.clear()  # graphs point into the old buffers
+            self._graphs.clear()  # graphs point into the old buffers (a new pool follows)
             self._caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                              torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.n_layers)]
             self._cache_shape = shape
@@ -286,6 +416,7 @@ class FastEngine(Engine):
         bar = tqdm(total=len(prompts) * g, desc="generate[fast]", disable=not progress, unit="seq")
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        self._refresh_weights()  # the policy may have changed since the last call
         for start in range(0, len(prompts), per_wave):
             wave = prompts[start:start + per_wave]
             out.extend(self._wave(wave, params, start))
@@ -300,7 +431,7 @@ class FastEngine(Engine):
         cap_rows = _rows_bucket(max(n_rows, self.batch_size if self.use_graphs else n_rows))
         st = self._state(cap_rows, max_len, params)
         rows = torch.arange(n_rows, device=self.device).view(len(prompts), g)
-        last_logits = self._prefill(prompts, st["caches"], rows)  # [P, V]
+        last_logits = self._prefill(prompts, st["caches_flat"], rows)  # [P, V]
         first, first_lp = self._sample(last_logits.repeat_interleave(g, 0), params)
         lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(g)
         st["tokens"][:n_rows] = first

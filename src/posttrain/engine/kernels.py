@@ -15,8 +15,13 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
   round are, every token no likelier than the likeliest of them is outside the nucleus too, so the
   next round draws from the tokens above it (a rising pivot), where acceptance is likelier still.
   Only after ``ROUNDS`` such rounds — probability at most (1 - top_p)^(K·ROUNDS), 1e-32 at top_p
-  0.9 — is the most likely token (always in the nucleus) taken. Three passes over each row's logits
-  in the usual single round, all on the device, no host synchronisation.
+  0.9 — is the most likely token (always in the nucleus) taken.
+  The first round, which decides all but a (1 - top_p)^K fraction of rows, runs wide: the vocabulary
+  is cut into chunks and each pass is one program per (row, chunk) — per-chunk max and sum of exp,
+  then each candidate found inside its chunk, then each chunk's mass above the candidates — so the
+  whole GPU works on it rather than one program per row. A row whose K candidates are all rejected
+  restarts with the rounds above (one program per row, fresh uniforms): restarting a rejection
+  sampler keeps it exact. All on the device, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ NUM_CANDIDATES = 8  # top-p candidates per row and round
 ROUNDS = 4  # rounds of candidates before falling back to the most likely token
 # Launch settings, chosen with bench/kernels.py on an H200 (it sweeps them).
 ATTN = {"block_n": 64, "num_warps": 2, "num_stages": 2, "min_splits": 1}
-SAMPLE = {"block": 4096, "num_warps": 8}
+SAMPLE = {"block": 4096, "num_warps": 8, "chunk": 2048, "chunk_warps": 2}
+
+
+def uniforms_per_row(top_p: float) -> int:
+    """Uniforms ``sample`` uses per row: K for the wide first round, then K per fall-back round;
+    a single one without top-p (the first candidate is always taken)."""
+    return NUM_CANDIDATES * (1 + ROUNDS) if top_p < 1.0 else 1
 
 
 def triton_ready(device: torch.device) -> bool:
@@ -55,40 +66,48 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def sample_ref(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor):
-    """Same algorithm as the kernel, in PyTorch. logits [n, V], uniforms [n, ROUNDS * K] in [0, 1).
-    Returns (tokens [n] long, log-probs [n] fp32 under softmax(logits / T))."""
+    """Same algorithm as the kernels, in PyTorch. logits [n, V], uniforms [n, uniforms_per_row(top_p)]
+    in [0, 1): the first K for the first round, then K per fall-back round. Returns (tokens [n] long,
+    log-probs [n] fp32 under softmax(logits / T))."""
     x = logits.float() / temperature  # [n, V]
     n, vocab = x.shape
     lse = torch.logsumexp(x, -1, keepdim=True)  # [n, 1]
     p = torch.exp(x - lse)
-    u = uniforms.view(n, -1, NUM_CANDIDATES if top_p < 1.0 else uniforms.shape[1])  # [n, R, K]
+    k_cand = NUM_CANDIDATES if top_p < 1.0 else uniforms.shape[1]
+    u = uniforms.view(n, -1, k_cand)  # [n, 1 + R, K]
 
     def draw(tau, mass, r):  # K candidates from p restricted to {x > tau}: [n, K]
         cdf = torch.cumsum(torch.where(x > tau, p, 0.0), -1)
         return (cdf[:, None, :] < (u[:, r] * mass)[:, :, None]).sum(-1).clamp(max=vocab - 1)
 
-    tau = torch.full((n, 1), float("-inf"), device=x.device)
-    mass = torch.ones((n, 1), device=x.device)
+    def rounds(rs):  # rounds rs with a rising pivot -> (token [n], decided [n])
+        tau = torch.full((n, 1), float("-inf"), device=x.device)
+        mass = torch.ones((n, 1), device=x.device)
+        tok = torch.zeros(n, dtype=torch.long, device=x.device)
+        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        k_idx = torch.arange(k_cand, device=x.device)
+        for r in rs:
+            cand = draw(tau, mass, r)
+            xc = x.gather(-1, cand)  # [n, K]
+            above = torch.stack([(p * (x > xc[:, k:k + 1])).sum(-1) for k in range(k_cand)], -1)  # [n, K]
+            ok = above < top_p
+            first = torch.where(ok, k_idx, k_cand).min(-1).values  # [n]
+            hit = ~done & (first < k_cand)
+            tok = torch.where(hit, cand.gather(-1, first.clamp(max=k_cand - 1)[:, None])[:, 0], tok)
+            done |= hit
+            # Every candidate was outside the nucleus: so is every token no likelier than the likeliest
+            # of them. Draw the next round from the tokens above it.
+            top = xc.argmax(-1, keepdim=True)
+            tau = torch.where(done[:, None], tau, xc.gather(-1, top))
+            mass = torch.where(done[:, None], mass, above.gather(-1, top))
+        return tok, done
+
     if top_p >= 1.0:
-        tok = draw(tau, mass, 0)[:, 0]
+        tok = draw(torch.tensor(float("-inf")), torch.ones((n, 1), device=x.device), 0)[:, 0]
         return tok, (x.gather(-1, tok[:, None]) - lse)[:, 0]
-    tok = x.argmax(-1)  # the fall-back when every round rejects every candidate
-    done = torch.zeros(n, dtype=torch.bool, device=x.device)
-    k_idx = torch.arange(u.shape[2], device=x.device)
-    for r in range(u.shape[1]):
-        cand = draw(tau, mass, r)
-        xc = x.gather(-1, cand)  # [n, K]
-        above = torch.stack([(p * (x > xc[:, k:k + 1])).sum(-1) for k in range(cand.shape[1])], -1)  # [n, K]
-        ok = above < top_p
-        first = torch.where(ok, k_idx, len(k_idx)).min(-1).values  # [n]
-        hit = ~done & (first < len(k_idx))
-        tok = torch.where(hit, cand.gather(-1, first.clamp(max=len(k_idx) - 1)[:, None])[:, 0], tok)
-        done |= hit
-        # Every candidate was outside the nucleus: so is every token no likelier than the likeliest
-        # of them. Draw the next round from the tokens above it.
-        top = xc.argmax(-1, keepdim=True)
-        tau = torch.where(done[:, None], tau, xc.gather(-1, top))
-        mass = torch.where(done[:, None], mass, above.gather(-1, top))
+    tok, done = rounds([0])  # the wide first round
+    again, again_done = rounds(range(1, u.shape[1]))  # a restart for the rows it rejected
+    tok = torch.where(done, tok, torch.where(again_done, again, x.argmax(-1)))
     return tok, (x.gather(-1, tok[:, None]) - lse)[:, 0]
 
 
@@ -159,9 +178,84 @@ if triton is not None:
         tl.store(Out + row * s_on + h * s_oh + d, out.to(Out.dtype.element_ty))
 
     @triton.jit
-    def _sample_kernel(Logits, U, Tok, Logp, s_l, s_u, V, inv_t, top_p,
-                       K: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, TOP_P: tl.constexpr):
+    def _sample_stats_kernel(Logits, M, S, A, s_l, V, inv_t, C, CH: tl.constexpr):
+        """Per (row, chunk): max of x = logits / T, sum of exp(x - max), first index of the max."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        idx = c * CH + tl.arange(0, CH)
+        x = tl.load(Logits + row * s_l + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        m = tl.max(x, 0)
+        tl.store(M + row * C + c, m)
+        tl.store(S + row * C + c, tl.sum(tl.exp(x - m), 0))
+        tl.store(A + row * C + c, tl.min(tl.where(x == m, idx, V), 0))
+
+    @triton.jit
+    def _sample_locate_kernel(Logits, U, M, S, A, Cand, Xc, Lse, Best, s_l, s_u, V, inv_t, C,
+                              K: tl.constexpr, CH: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per (row, candidate k): the token whose cumulative probability first reaches u_k — the
+        chunk from the chunk masses, then the token inside it. Candidate 0 also stores lse, argmax."""
+        row, k = tl.program_id(0), tl.program_id(1)
+        cc = tl.arange(0, BLOCK_C)
+        cm = cc < C
+        m = tl.load(M + row * C + cc, mask=cm, other=float("-inf"))
+        s = tl.load(S + row * C + cc, mask=cm, other=0.0)
+        mx = tl.max(m, 0)
+        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        w = s * tl.exp(m - lse)  # [BC] each chunk's probability mass
+        u = tl.load(U + row * s_u + k)
+        chunk = tl.minimum(tl.sum((tl.cumsum(w, 0) < u).to(tl.int32), 0), C - 1)
+        rest = u - tl.sum(tl.where(cc < chunk, w, 0.0), 0)
+        idx = chunk * CH + tl.arange(0, CH)
+        x = tl.load(Logits + row * s_l + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        cnt = tl.sum((tl.cumsum(tl.exp(x - lse), 0) < rest).to(tl.int32), 0)
+        tok = tl.minimum(chunk * CH + cnt, tl.minimum(chunk * CH + CH, V) - 1)
+        tl.store(Cand + row * K + k, tok)
+        tl.store(Xc + row * K + k, tl.load(Logits + row * s_l + tok).to(tl.float32) * inv_t)
+        if k == 0:
+            a = tl.load(A + row * C + cc, mask=cm, other=V)
+            tl.store(Lse + row, lse)
+            tl.store(Best + row, tl.min(tl.where(m == mx, a, V), 0))  # chunks in order: the first maximum
+
+    @triton.jit
+    def _sample_above_kernel(Logits, Xc, Lse, Above, s_l, V, inv_t, C, K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr):
+        """Per (row, chunk): the chunk's probability mass strictly above each candidate (one 1-D
+        reduction per candidate: a [K, CH] tile would spill registers)."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        lse = tl.load(Lse + row)
+        idx = c * CH + tl.arange(0, CH)
+        x = tl.load(Logits + row * s_l + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        p = tl.exp(x - lse)
+        for k in tl.static_range(K):
+            xc = tl.load(Xc + row * K + k)
+            tl.store(Above + (row * C + c) * KP + k, tl.sum(tl.where(x > xc, p, 0.0), 0))
+
+    @triton.jit
+    def _sample_kernel(Logits, U, Tok, Logp, Cand, Xc, Lse, Above, s_l, s_u, V, inv_t, top_p, C,
+                       K: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, TOP_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """Per row: take the wide first round's first candidate inside the nucleus; if there is none,
+        restart with ROUNDS rising-pivot rounds over the whole row (uniforms after the first K)."""
         row = tl.program_id(0)
+        kk = tl.arange(0, KP)
+        valid = kk < K
+        if TOP_P:
+            cc = tl.arange(0, BLOCK_C)
+            above = tl.sum(tl.load(Above + (row * C + cc[:, None]) * KP + kk[None, :], mask=(cc < C)[:, None], other=0.0), 0)
+            ok = (above < top_p) & valid
+        else:
+            ok = kk == 0
+        first = tl.min(tl.where(ok, kk, KP), 0)
+        if first < KP:
+            tok = tl.sum(tl.where(kk == first, tl.load(Cand + row * K + kk, mask=valid, other=0), 0), 0)
+            xt = tl.sum(tl.where(kk == first, tl.load(Xc + row * K + kk, mask=valid, other=0.0), 0.0), 0)
+            tl.store(Tok + row, tok.to(tl.int64))
+            tl.store(Logp + row, xt - tl.load(Lse + row))
+        else:
+            _sample_rounds(Logits, U + K, Tok, Logp, row, s_l, s_u, V, inv_t, top_p, K, KP, ROUNDS, BLOCK)
+
+    @triton.jit
+    def _sample_rounds(Logits, U, Tok, Logp, row, s_l, s_u, V, inv_t, top_p,
+                       K: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+        """The whole algorithm for one row, one program: rounds of K candidates with a rising pivot."""
         base = Logits + row * s_l
         offs = tl.arange(0, BLOCK)
         # pass 1: max, sum of exp (online, per lane) and argmax of x = logits / T
@@ -201,29 +295,25 @@ if triton is not None:
                 cnt += tl.sum((c[None, :] < u[:, None]).to(tl.int32), 1)
                 run += tl.sum(p, 0)
             cand = tl.minimum(cnt, V - 1)
-            if TOP_P:
-                # pass 3: mass of the tokens strictly more likely than each candidate
-                xc = tl.load(base + cand).to(tl.float32) * inv_t  # [KP]
-                above = tl.zeros([KP], tl.float32)
-                for start in range(0, V, BLOCK):
-                    idx = start + offs
-                    x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-                    p = tl.exp(x - lse)
-                    above += tl.sum(tl.where(x[None, :] > xc[:, None], p[None, :], 0.0), 1)
-                valid = kk < K
-                ok = (above < top_p) & valid
-                first = tl.min(tl.where(ok, kk, KP), 0)
-                if first < KP:
-                    tok = tl.sum(tl.where(kk == first, cand, 0), 0)
-                    done = 1
-                else:  # all outside the nucleus: next round draws from the tokens above the likeliest
-                    xv = tl.where(valid, xc, float("-inf"))
-                    top = tl.min(tl.where(xv == tl.max(xv, 0), kk, KP), 0)
-                    tau = tl.max(xv, 0)
-                    mass = tl.sum(tl.where(kk == top, above, 0.0), 0)
-            else:
-                tok = tl.sum(tl.where(kk == 0, cand, 0), 0)
+            # pass 3: mass of the tokens strictly more likely than each candidate
+            xc = tl.load(base + cand).to(tl.float32) * inv_t  # [KP]
+            above = tl.zeros([KP], tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+                p = tl.exp(x - lse)
+                above += tl.sum(tl.where(x[None, :] > xc[:, None], p[None, :], 0.0), 1)
+            valid = kk < K
+            ok = (above < top_p) & valid
+            first = tl.min(tl.where(ok, kk, KP), 0)
+            if first < KP:
+                tok = tl.sum(tl.where(kk == first, cand, 0), 0)
                 done = 1
+            else:  # all outside the nucleus: next round draws from the tokens above the likeliest
+                xv = tl.where(valid, xc, float("-inf"))
+                top = tl.min(tl.where(xv == tl.max(xv, 0), kk, KP), 0)
+                tau = tl.max(xv, 0)
+                mass = tl.sum(tl.where(kk == top, above, 0.0), 0)
             r += 1
         xt = tl.load(base + tok).to(tl.float32) * inv_t
         tl.store(Tok + row, tok.to(tl.int64))
@@ -270,20 +360,33 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float, span: int | Non
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None = None):
     """One token per row from softmax(logits / T) restricted to the top-p nucleus, and its log-prob
-    under softmax(logits / T). ``uniforms``: [n, ROUNDS * NUM_CANDIDATES] with top-p, else [n, 1]
-    (default: fresh ``torch.rand``, which CUDA graphs replay with new draws)."""
+    under softmax(logits / T). ``uniforms``: [n, uniforms_per_row(top_p)] (default: fresh
+    ``torch.rand``, which CUDA graphs replay with new draws)."""
     n, vocab = logits.shape
     if uniforms is None:
-        uniforms = torch.rand((n, NUM_CANDIDATES * ROUNDS if top_p < 1.0 else 1), device=logits.device)
+        uniforms = torch.rand((n, uniforms_per_row(top_p)), device=logits.device)
     if not triton_ready(logits.device):
         return sample_ref(logits, temperature, top_p, uniforms)
     logits = logits.contiguous()
-    tok = torch.empty(n, dtype=torch.long, device=logits.device)
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    dev, f32 = logits.device, torch.float32
     k = NUM_CANDIDATES if top_p < 1.0 else 1
-    _sample_kernel[(n,)](logits, uniforms, tok, logp, logits.stride(0), uniforms.stride(0), vocab, 1.0 / temperature,
-                         top_p, K=k, KP=max(2, triton.next_power_of_2(k)), ROUNDS=uniforms.shape[1] // k, BLOCK=SAMPLE["block"],
-                         TOP_P=top_p < 1.0, num_warps=SAMPLE["num_warps"])
+    kp = max(2, triton.next_power_of_2(k))
+    ch = SAMPLE["chunk"]
+    c = triton.cdiv(vocab, ch)
+    m, s_, lse = torch.empty((n, c), device=dev, dtype=f32), torch.empty((n, c), device=dev, dtype=f32), torch.empty(n, device=dev, dtype=f32)
+    a, best = torch.empty((n, c), device=dev, dtype=torch.int32), torch.empty(n, device=dev, dtype=torch.int32)
+    cand, xc = torch.empty((n, k), device=dev, dtype=torch.int32), torch.empty((n, k), device=dev, dtype=f32)
+    above = torch.empty((n, c, kp), device=dev, dtype=f32)
+    tok, logp = torch.empty(n, dtype=torch.long, device=dev), torch.empty(n, dtype=f32, device=dev)
+    inv_t, cw = 1.0 / temperature, SAMPLE["chunk_warps"]
+    _sample_stats_kernel[(n, c)](logits, m, s_, a, logits.stride(0), vocab, inv_t, c, CH=ch, num_warps=cw)
+    _sample_locate_kernel[(n, k)](logits, uniforms, m, s_, a, cand, xc, lse, best, logits.stride(0), uniforms.stride(0), vocab,
+                                  inv_t, c, K=k, CH=ch, BLOCK_C=max(2, triton.next_power_of_2(c)), num_warps=cw)
+    if top_p < 1.0:
+        _sample_above_kernel[(n, c)](logits, xc, lse, above, logits.stride(0), vocab, inv_t, c, K=k, KP=kp, CH=ch, num_warps=cw)
+    _sample_kernel[(n,)](logits, uniforms, tok, logp, cand, xc, lse, above, logits.stride(0), uniforms.stride(0), vocab, inv_t,
+                         top_p, c, K=k, KP=kp, ROUNDS=max(1, (uniforms.shape[1] - k) // k), BLOCK=SAMPLE["block"],
+                         TOP_P=top_p < 1.0, BLOCK_C=max(2, triton.next_power_of_2(c)), num_warps=SAMPLE["num_warps"])
     return tok, logp
 
 
