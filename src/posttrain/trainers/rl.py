@@ -260,7 +260,7 @@ def train(cfg: RLConfig) -> dict:
             t0 = time.perf_counter()
             idx = prompts_for_step(len(train_examples), rollout_index, prompts_per_step, cfg.seed, rank, world)
             params.seed = cfg.seed + 1_000_003 * rollout_index + rank
-            policy.eval()  # the fast engine calls the live (LoRA) modules: nothing to refresh
+            policy.eval()  # the fast engine refreshes its merged inference weights from the policy at each call
             completions = engine.generate([prompt_ids_all[i] for i in idx], params)
             policy.train()
             rollout_time = time.perf_counter() - t0
