@@ -26,7 +26,7 @@ always the model's own modules.
 
 Sampling is exact: the token follows softmax(logits / T) renormalised over the top-p nucleus (see
 ``kernels`` for the one approximation, a fall-back to the most likely token with probability at most
-(1 - top_p)^32 per step).
+(1 - top_p)^40 per step).
 """
 
 from __future__ import annotations

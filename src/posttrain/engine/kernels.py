@@ -21,7 +21,8 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
   then each candidate found inside its chunk, then each chunk's mass above the candidates — so the
   whole GPU works on it rather than one program per row. A row whose K candidates are all rejected
   restarts with the rounds above (one program per row, fresh uniforms): restarting a rejection
-  sampler keeps it exact. All on the device, no host synchronisation.
+  sampler keeps it exact, and the argmax fall-back now needs K·(ROUNDS + 1) rejections. All on the
+  device, no host synchronisation.
 """
 
 from __future__ import annotations
