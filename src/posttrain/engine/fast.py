@@ -221,8 +221,7 @@ class FastEngine(Engine):
                     self.merge_weights = False  # e.g. DoRA: call the modules instead
                     return
                 layers.append({k: _Proj(mods) for k, mods in groups.items()})
-            self._w = layers
-            self._drop_graphs()
+            self._w = layers  # built before any graph is captured: nothing to drop
             return
         if any([p.refresh() for w in self._w for p in w.values()]):
             self._drop_graphs()
@@ -231,8 +230,7 @@ class FastEngine(Engine):
         """Forget captured graphs; later captures go to a fresh memory pool (the old one is released
         with its graphs and cannot take new ones)."""
         self._graphs.clear()
-        if self.use_graphs and self._pool is not None:
-            self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def _qkv(self, li, layer, x, cos, sin):
         """x: [N, T, D] -> q [N, H, T, d], k/v [N, Hkv, T, d] with rotary applied."""
@@ -386,7 +384,7 @@ class FastEngine(Engine):
         """Buffers for one generation call; the KV cache is reused across calls when it fits."""
         shape = (rows, self.n_kv, max_len, self.head_dim)
         if self._cache_shape is None or any(a < b for a, b in zip(self._cache_shape, shape)):
-            self._graphs.clear()  # graphs point into the old buffers (a new pool follows)
+            self._drop_graphs()  # graphs point into the old buffers
             self._caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                              torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.n_layers)]
             self._cache_shape = shape
@@ -399,7 +397,6 @@ class FastEngine(Engine):
                 "done": torch.zeros(rows, dtype=torch.bool, device=self.device),
                 "arange": torch.arange(rows, device=self.device),
             }
-            self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         rows_c, _, len_c, _ = self._cache_shape
         return {**self._bufs, "caches": self._caches, "caches_flat": self._caches_flat, "pool": self._pool, "params": params,
                 "key": (params.temperature, params.top_p, params.ignore_eos),

@@ -179,21 +179,20 @@ if triton is not None:
         tl.store(Out + row * s_on + h * s_oh + d, out.to(Out.dtype.element_ty))
 
     @triton.jit
-    def _sample_stats_kernel(Logits, M, S, A, s_l, V, inv_t, C, CH: tl.constexpr):
-        """Per (row, chunk): max of x = logits / T, sum of exp(x - max), first index of the max."""
+    def _sample_stats_kernel(Logits, M, S, s_l, V, inv_t, C, CH: tl.constexpr):
+        """Per (row, chunk): max of x = logits / T and sum of exp(x - max)."""
         row, c = tl.program_id(0), tl.program_id(1)
         idx = c * CH + tl.arange(0, CH)
         x = tl.load(Logits + row * s_l + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
         m = tl.max(x, 0)
         tl.store(M + row * C + c, m)
         tl.store(S + row * C + c, tl.sum(tl.exp(x - m), 0))
-        tl.store(A + row * C + c, tl.min(tl.where(x == m, idx, V), 0))
 
     @triton.jit
-    def _sample_locate_kernel(Logits, U, M, S, A, Cand, Xc, Lse, Best, s_l, s_u, V, inv_t, C,
+    def _sample_locate_kernel(Logits, U, M, S, Cand, Xc, Lse, s_l, s_u, V, inv_t, C,
                               K: tl.constexpr, CH: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per (row, candidate k): the token whose cumulative probability first reaches u_k — the
-        chunk from the chunk masses, then the token inside it. Candidate 0 also stores lse, argmax."""
+        chunk from the chunk masses, then the token inside it. Candidate 0 also stores the row's lse."""
         row, k = tl.program_id(0), tl.program_id(1)
         cc = tl.arange(0, BLOCK_C)
         cm = cc < C
@@ -212,9 +211,7 @@ if triton is not None:
         tl.store(Cand + row * K + k, tok)
         tl.store(Xc + row * K + k, tl.load(Logits + row * s_l + tok).to(tl.float32) * inv_t)
         if k == 0:
-            a = tl.load(A + row * C + cc, mask=cm, other=V)
             tl.store(Lse + row, lse)
-            tl.store(Best + row, tl.min(tl.where(m == mx, a, V), 0))  # chunks in order: the first maximum
 
     @triton.jit
     def _sample_above_kernel(Logits, Xc, Lse, Above, s_l, V, inv_t, C, K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr):
@@ -375,13 +372,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: tor
     ch = SAMPLE["chunk"]
     c = triton.cdiv(vocab, ch)
     m, s_, lse = torch.empty((n, c), device=dev, dtype=f32), torch.empty((n, c), device=dev, dtype=f32), torch.empty(n, device=dev, dtype=f32)
-    a, best = torch.empty((n, c), device=dev, dtype=torch.int32), torch.empty(n, device=dev, dtype=torch.int32)
     cand, xc = torch.empty((n, k), device=dev, dtype=torch.int32), torch.empty((n, k), device=dev, dtype=f32)
     above = torch.empty((n, c, kp), device=dev, dtype=f32)
     tok, logp = torch.empty(n, dtype=torch.long, device=dev), torch.empty(n, dtype=f32, device=dev)
     inv_t, cw = 1.0 / temperature, SAMPLE["chunk_warps"]
-    _sample_stats_kernel[(n, c)](logits, m, s_, a, logits.stride(0), vocab, inv_t, c, CH=ch, num_warps=cw)
-    _sample_locate_kernel[(n, k)](logits, uniforms, m, s_, a, cand, xc, lse, best, logits.stride(0), uniforms.stride(0), vocab,
+    _sample_stats_kernel[(n, c)](logits, m, s_, logits.stride(0), vocab, inv_t, c, CH=ch, num_warps=cw)
+    _sample_locate_kernel[(n, k)](logits, uniforms, m, s_, cand, xc, lse, logits.stride(0), uniforms.stride(0), vocab,
                                   inv_t, c, K=k, CH=ch, BLOCK_C=max(2, triton.next_power_of_2(c)), num_warps=cw)
     if top_p < 1.0:
         _sample_above_kernel[(n, c)](logits, xc, lse, above, logits.stride(0), vocab, inv_t, c, K=k, KP=kp, CH=ch, num_warps=cw)
