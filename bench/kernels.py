@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, emit  # noqa: E402
-
 from posttrain.engine import kernels  # noqa: E402
 
 
@@ -108,7 +107,7 @@ def main():
                     kernels.ATTN.update(block_n=block_n, num_warps=warps, num_stages=stages, min_splits=min_splits)
                     try:
                         t = bench(lambda: kernels.decode_attention(q, kc, vc, lens, 0.125, 320))
-                    except Exception as e:  # some settings do not compile (shared memory)
+                    except Exception:  # some settings do not compile (shared memory)
                         t = float("nan")
                     sweep.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "min_splits": min_splits,
                                   "ms": t, "GBps": kv_bytes / t / 1e6})

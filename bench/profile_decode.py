@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama32_1b  # noqa: E402
-from rollout import StubTokenizer, prompts  # noqa: E402
-
 from posttrain.engine import SamplingParams  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
+from rollout import StubTokenizer, prompts  # noqa: E402
 
 
 def timeit(fn, reps=50):

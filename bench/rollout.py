@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, emit, llama32_1b, save  # noqa: E402
-
 from posttrain.engine import SamplingParams  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
 from posttrain.engine.hf import HFEngine  # noqa: E402
@@ -57,7 +56,7 @@ def run(engine, ps, params):
     out = engine.generate(ps, params)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    toks = sum(len(c.token_ids) for c in out) 
+    toks = sum(len(c.token_ids) for c in out)
     return {"seconds": dt, "tokens": toks, "tokens_per_s": toks / dt, "ms_per_step": 1000 * dt / max(len(c.token_ids) for c in out),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "mean_len": toks / len(out)}
 

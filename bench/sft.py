@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, llama32_1b  # noqa: E402
-
 from posttrain.tasks import make_task  # noqa: E402
 from posttrain.tokenization import train_bpe_tokenizer  # noqa: E402
 from posttrain.trainers.sft import SFTConfig, tokenize_examples, train  # noqa: E402

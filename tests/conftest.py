@@ -69,3 +69,26 @@ def run_cli(*args, cwd=None, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def random_rl_batch(vocab, n=16, width=12, seed=0):
+    """An RL training batch of ``n`` completions of different lengths after 4-token prompts, with
+    random advantages and reference log-probs (deterministic by ``seed``)."""
+    from posttrain.trainers.rl import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, width), generator=g)
+    lengths = torch.randint(6, width + 1, (n,), generator=g)
+    attn = (torch.arange(width)[None] < lengths[:, None]).long()
+    cmask = torch.zeros(n, width - 1)
+    for i, n_tok in enumerate(lengths.tolist()):
+        cmask[i, 3:n_tok - 1] = 1.0
+    adv = torch.randn(n, generator=g)
+    return Batch(ids, attn, cmask, adv, ref_logp=torch.randn(n, width - 1, generator=g) * 0.1 - 3.0)
+
+
+def run_torchrun(nproc: int, *args, timeout=600):
+    """``torchrun --standalone --nproc_per_node N ARGS`` (gloo on CPU), as ``accelerate launch`` starts ranks."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -10,18 +10,14 @@ from posttrain.evaluation import EvalConfig
 
 
 def test_every_config_field_is_documented():
-    from posttrain.evaluation import EvalConfig
-
-    configs = [EvalConfig]
-    try:
-        from posttrain.trainers.sft import SFTConfig
-        configs.append(SFTConfig)
-        from posttrain.trainers.rl import RLConfig
-        configs.append(RLConfig)
-    except ImportError:
-        pass
     import dataclasses
-    for cls in configs:
+
+    from posttrain.pipeline import PipelineConfig
+    from posttrain.trainers.pretrain import PretrainConfig
+    from posttrain.trainers.rl import RLConfig
+    from posttrain.trainers.sft import SFTConfig
+
+    for cls in (EvalConfig, SFTConfig, RLConfig, PretrainConfig, PipelineConfig):
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"

@@ -120,12 +120,18 @@ def test_lora_adapter_is_live(tiny_model, tiny_tokenizer):
     engine = FastEngine(peft_model, tiny_tokenizer, 4)
     hf = HFEngine(peft_model, tiny_tokenizer, 4).generate(prompts, params)
     assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf]
-    with torch.no_grad():  # training changes the adapter in place: the same engine sees it
+    with torch.no_grad():  # training changes the adapter in place: after sync_weights the engine sees it
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.mul_(-1)
     hf2 = HFEngine(peft_model, tiny_tokenizer, 4).generate(prompts, params)
+    assert [c.token_ids for c in hf2] != [c.token_ids for c in hf]
+    stale = [c.token_ids for c in engine.generate(prompts, params)]
+    assert stale == [c.token_ids for c in hf]  # no sync: the engine still samples from the weights it was given
+    engine.sync_weights(peft_model)
     assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf2]
+    with pytest.raises(ValueError, match="another model"):
+        engine.sync_weights(tiny_model)
 
 
 def _arch_model(arch, vocab):
@@ -161,7 +167,7 @@ def test_other_architectures_greedy_identical_to_hf(arch, merge, tiny_tokenizer)
 
 def test_full_finetuning_updates_are_seen(tiny_model, tiny_tokenizer):
     """Optimizer steps change weights in place between rollouts; the stacked q|k|v and gate|up copies
-    must follow at the next generate."""
+    follow at ``sync_weights``."""
     prompts = _prompts(tiny_tokenizer, 4)
     params = SamplingParams(max_new_tokens=20)
     engine = FastEngine(tiny_model, tiny_tokenizer, 4)
@@ -172,7 +178,8 @@ def test_full_finetuning_updates_are_seen(tiny_model, tiny_tokenizer):
             layer.mlp.up_proj.weight.mul_(2.0)
     expected = [c.token_ids for c in HFEngine(tiny_model, tiny_tokenizer, 4).generate(prompts, params)]
     assert expected != before  # the change matters ...
-    assert [c.token_ids for c in engine.generate(prompts, params)] == expected  # ... and is seen
+    engine.sync_weights(tiny_model)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected  # ... and is seen after the sync
 
 
 def test_merged_projection_equals_the_modules(tiny_model):

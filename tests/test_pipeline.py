@@ -2,7 +2,6 @@
 failures, the McNemar test by hand, and the shipped configs parse and resolve."""
 
 import json
-from pathlib import Path
 
 import pytest
 

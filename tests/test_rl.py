@@ -7,11 +7,20 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import random_rl_batch, run_cli
 from posttrain.engine.base import Completion
 from posttrain.errors import PosttrainError
-from posttrain.losses.policy import (batch_mean_baseline, group_normalized, kl_k1, kl_k3, leave_one_out,
-                                     policy_loss, token_logprobs)
+from posttrain.losses.policy import (
+    SPLIT_INVARIANT,
+    StepSize,
+    batch_mean_baseline,
+    group_normalized,
+    kl_k1,
+    kl_k3,
+    leave_one_out,
+    policy_loss,
+    token_logprobs,
+)
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
 from posttrain.trainers.rl import RLConfig, build_rollout, train
 
@@ -69,7 +78,7 @@ def test_policy_loss_reinforce_by_hand():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([2.0, -1.0])
-    loss, m = policy_loss(logp, logp.detach(), adv, mask, aggregation="seq_sum")
+    loss, m = policy_loss(logp, logp.detach(), adv, mask, StepSize.of([mask]), aggregation="seq_sum")
     # The surrogate -A·ρ (ρ = 1) has the same gradient as the seed's -A·Σ_t log π; its value is
     # -mean_i A_i·|tokens_i| = -(2·2 + (-1)·3) / 2 = -0.5.
     assert loss.item() == pytest.approx(-0.5)
@@ -83,13 +92,15 @@ def test_policy_loss_aggregations_and_kl():
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     adv = torch.tensor([1.0, 1.0])
     # ratio 1: per-token pg = -A = -1 on every masked token
-    grpo, _ = policy_loss(logp, logp, adv, mask, aggregation="grpo")
-    dapo, _ = policy_loss(logp, logp, adv, mask, aggregation="dapo")
-    dr, _ = policy_loss(logp, logp, adv, mask, aggregation="dr_grpo", max_len=4)
+    step = StepSize.of([mask])
+    assert (step.sequences, step.tokens) == (2, 3)
+    grpo, _ = policy_loss(logp, logp, adv, mask, step, aggregation="grpo")
+    dapo, _ = policy_loss(logp, logp, adv, mask, step, aggregation="dapo")
+    dr, _ = policy_loss(logp, logp, adv, mask, step, aggregation="dr_grpo", max_len=4)
     assert grpo.item() == pytest.approx(-1.0) and dapo.item() == pytest.approx(-1.0)
     assert dr.item() == pytest.approx(-3 / (2 * 4))
     ref = logp - 0.1
-    with_kl, m = policy_loss(logp, logp, adv, mask, ref_logp=ref, beta=0.5, kl_estimator="k1", aggregation="grpo")
+    with_kl, m = policy_loss(logp, logp, adv, mask, step, ref_logp=ref, beta=0.5, kl_estimator="k1", aggregation="grpo")
     assert m["kl"].item() == pytest.approx(0.1, abs=1e-6)
     assert with_kl.item() == pytest.approx(-1.0 + 0.5 * 0.1, abs=1e-6)
 
@@ -97,12 +108,71 @@ def test_policy_loss_aggregations_and_kl():
 def test_clipping_by_hand():
     logp = torch.tensor([[0.0]], requires_grad=True)
     old = torch.tensor([[-1.0]])  # ratio e ≈ 2.718 > 1.2
-    loss, m = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.2, aggregation="dapo")
+    loss, m = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), StepSize(1, 1), eps_high=0.2, aggregation="dapo")
     assert loss.item() == pytest.approx(-1.2) and m["clip_fraction"].item() == 1.0
     loss.backward()
     assert logp.grad.item() == 0.0  # clipped: no gradient pushes the ratio further
-    loss, m = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), eps_high=0.2, aggregation="dapo")
+    loss, m = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), StepSize(1, 1), eps_high=0.2, aggregation="dapo")
     assert loss.item() == pytest.approx(math.e) and m["clip_fraction"].item() == 0.0
+
+
+def _step_gradient(model, batch, cfg):
+    """The gradient of one optimizer step of ``update`` on ``batch`` (single process)."""
+    from posttrain.trainers.common import make_accelerator
+    from posttrain.trainers.rl import update
+
+    model.zero_grad(set_to_none=True)
+    finite, stats = update(model, batch, cfg, make_accelerator())
+    assert finite
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_step_gradient_does_not_depend_on_the_micro_batch_split(tiny_model, toy_file, loss_type):
+    """16 completions as 16×1, 4×4 and 1×16 micro-batches: the same gradient, KL term included."""
+    assert loss_type in SPLIT_INVARIANT
+    model = tiny_model.train()
+    batch = random_rl_batch(model.config.vocab_size)
+    grads = []
+    for mb, accum in ((1, 16), (4, 4), (16, 1)):
+        cfg = RLConfig(algo="grpo", loss_type=loss_type, beta=0.1, num_generations=4, per_device_batch_size=mb,
+                       gradient_accumulation_steps=accum, max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+        grads.append(_step_gradient(model, batch, cfg)[0])
+    for other in grads[1:]:
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], atol=1e-6, rtol=1e-4)
+
+
+def test_bnpo_is_the_split_dependent_one_and_seq_sum_is_not(tiny_model, toy_file):
+    model = tiny_model.train()
+    batch = random_rl_batch(model.config.vocab_size, seed=1)
+
+    def grad(algo, loss_type, mb):
+        cfg = RLConfig(algo=algo, loss_type=loss_type, num_generations=1 if algo == "reinforce" else 4, per_device_batch_size=mb,
+                       gradient_accumulation_steps=16 // mb, max_new_tokens=8, beta=0.1, reward=[f"{toy_file}:low_ids"])
+        return _step_gradient(model, batch, cfg)[0]["model.embed_tokens.weight"]
+
+    torch.testing.assert_close(grad("reinforce", "grpo", 2), grad("reinforce", "grpo", 16), atol=1e-6, rtol=1e-4)  # seq_sum
+    assert not torch.allclose(grad("grpo", "bnpo", 2), grad("grpo", "bnpo", 16), atol=1e-6, rtol=1e-4)
+
+
+def test_reinforce_baseline_does_not_depend_on_the_micro_batch_size(toy_file):
+    from posttrain.trainers.rl import compute_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    advs = [compute_advantages(rewards, RLConfig(algo="reinforce", num_generations=1, per_device_batch_size=mb,
+                                                 gradient_accumulation_steps=8 // mb, baseline_group_size=4,
+                                                 reward=[f"{toy_file}:low_ids"]))
+            for mb in (1, 2, 8)]
+    assert advs[0][0].tolist() == advs[1][0].tolist() == advs[2][0].tolist()
+    torch.testing.assert_close(advs[0][0], batch_mean_baseline(rewards.view(2, 4), True).reshape(-1))
+    # default: the whole step on this rank is one group
+    adv, all_equal = compute_advantages(rewards, RLConfig(algo="reinforce", num_generations=1, per_device_batch_size=2,
+                                                          gradient_accumulation_steps=4, reward=[f"{toy_file}:low_ids"]))
+    torch.testing.assert_close(adv, batch_mean_baseline(rewards.view(1, 8), True).reshape(-1))
+    assert all_equal == 0.0
+    with pytest.raises(PosttrainError, match="baseline-group-size 3 must divide"):
+        RLConfig(algo="reinforce", num_generations=1, per_device_batch_size=2, gradient_accumulation_steps=4, baseline_group_size=3)
 
 
 def test_token_logprobs_by_hand():
@@ -161,7 +231,7 @@ def test_config_validation():
     with pytest.raises(PosttrainError, match="unknown --algo"):
         RLConfig(algo="ppo")
     assert RLConfig(algo="reinforce", num_generations=1).spec == {
-        "advantage": "batch_mean", "group": "micro_batch", "aggregation": "seq_sum", "kl_estimator": "k1"}
+        "advantage": "batch_mean", "group": "batch", "aggregation": "seq_sum", "kl_estimator": "k1"}
 
 
 # ------------------------------------------------------------------------------------------ training --
@@ -267,3 +337,22 @@ def test_reference_with_other_tokenizer_is_refused(tiny_model_dir, tmp_path, toy
     tok.save_pretrained(other)
     with pytest.raises(PosttrainError, match="different tokenizer"):
         train(_cfg(tiny_model_dir, tmp_path / "ref", toy_file, beta=0.1, ref_model=str(other), max_steps=1))
+
+
+def test_one_engine_serves_rollouts_and_evaluations(tiny_model_dir, tmp_path, toy_file, monkeypatch):
+    import posttrain.engine as engine_mod
+
+    built, synced = [], []
+    real = engine_mod.make_engine
+
+    def counting(*a, **k):
+        engine = real(*a, **k)
+        sync = engine.sync_weights
+        engine.sync_weights = lambda policy: synced.append(1) or sync(policy)
+        built.append(engine)
+        return engine
+
+    monkeypatch.setattr(engine_mod, "make_engine", counting)
+    train(_cfg(tiny_model_dir, tmp_path / "e", toy_file, max_steps=3, eval_steps=1, eval_samples=4))
+    assert len(built) == 1 and built[0].name == "hf"  # 3 rollouts and 3 evaluations, one engine, as asked
+    assert len(synced) == 3  # told after every optimizer step that the policy changed

@@ -36,9 +36,14 @@ def test_masked_positions_get_no_gradient():
     used[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     assert torch.all(logits.grad[~used] == 0)
     assert torch.all(logits.grad[used].abs().sum(-1) > 0)
-    # Changing what stands at masked label positions changes nothing.
+    # The loss reads only the counted labels: changing a counted one changes it, and the masked
+    # positions' logits can be anything.
     other = labels.clone()
-    assert masked_nll_sum(logits, other)[0].item() == masked_nll_sum(logits.detach(), labels)[0].item()
+    other[0, 2] = 5
+    assert masked_nll_sum(logits.detach(), other)[0].item() != masked_nll_sum(logits.detach(), labels)[0].item()
+    scrambled = logits.detach().clone()
+    scrambled[~used] = torch.randn_like(scrambled[~used]) * 100
+    assert masked_nll_sum(scrambled, labels)[0].item() == pytest.approx(masked_nll_sum(logits.detach(), labels)[0].item(), rel=1e-6)
 
 
 def test_packed_forward_equals_separate_forwards(tiny_tokenizer):
@@ -67,7 +72,7 @@ def test_truncation_policy_keeps_answers(tiny_tokenizer):
     exs = task.examples("train")
     data, stats = tokenize_examples(task, exs, tiny_tokenizer, max_len=300, truncation="prompt_left")
     assert stats["truncated"] + stats["dropped"] > 0
-    for d, ex in zip(data, exs):
+    for d in data:
         assert len(d.input_ids) <= 300
     # every kept example still ends with its full answer and EOS
     for d in data:
@@ -126,7 +131,7 @@ def test_existing_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
         train(_cfg(tiny_model_dir, tmp_path / "x"))
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+def test_nan_loss_skips_steps_then_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import posttrain.trainers.sft as sft
 
     real, calls = sft.masked_nll_sum, {"n": 0}
@@ -137,8 +142,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monk
         return (total * float("nan"), n) if calls["n"] > 16 else (total, n)  # 8 chunks/step: NaN at step 3
 
     monkeypatch.setattr(sft, "masked_nll_sum", poisoned)
-    with pytest.raises(PosttrainError, match="loss became nan at step 3.*step-2"):
+    with pytest.raises(PosttrainError, match="3 steps in a row had NaN/inf loss.*step-2"):
         train(_cfg(tiny_model_dir, tmp_path / "n", max_tokens_per_forward=300))
+    assert capsys.readouterr().out.count("step skipped") == 3  # the same policy as RL: skip, then stop
     assert [p.name for p in (tmp_path / "n" / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
 
 
@@ -224,3 +230,52 @@ def test_push_to_hub_offline_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(PosttrainError, match="could not push"):
         push_folder(tiny_model_dir, "someone/some-repo")
+
+
+def test_resume_with_a_larger_max_steps_continues_a_finished_run(tiny_model_dir, tmp_path):
+    """4 steps, then --resume --max-steps 6, lands where 6 steps in one go land (constant schedule),
+    with every step logged once."""
+    kw = dict(lora_dropout=0.0, lr_scheduler="constant", warmup_ratio=0.0)
+    train(_cfg(tiny_model_dir, tmp_path / "six", max_steps=6, **kw))
+    a = tmp_path / "four-then-six"
+    train(_cfg(tiny_model_dir, a, max_steps=4, **kw))
+    assert train(_cfg(tiny_model_dir, a, max_steps=4, resume=True, **kw))["step"] == 4  # nothing to do
+    assert train(_cfg(tiny_model_dir, a, max_steps=6, resume=True, **kw))["step"] == 6
+    for k, v in _adapter(tmp_path / "six").items():
+        torch.testing.assert_close(_adapter(a)[k], v, atol=1e-5, rtol=1e-4)
+    assert [json.loads(line)["step"] for line in (a / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((a / "sft_config.json").read_text())["max_steps"] == 6
+
+
+def test_resume_refuses_changed_training_options(tiny_model_dir, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(tiny_model_dir, out, max_steps=2))
+    saved = (out / "sft_config.json").read_text()
+    with pytest.raises(PosttrainError, match="--learning-rate is 0.1 but the run .* used 0.005"):
+        train(_cfg(tiny_model_dir, out, max_steps=4, resume=True, learning_rate=0.1))
+    assert (out / "sft_config.json").read_text() == saved  # never recorded falsely
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tiny_model_dir, tmp_path):
+    """A run killed after step 3 (checkpoint at 2) logged step 3; the resumed run logs it again, once."""
+    out = tmp_path / "k"
+    train(_cfg(tiny_model_dir, out, max_steps=4, save_steps=2))
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    (out / "run_state.json").unlink()
+    train(_cfg(tiny_model_dir, out, max_steps=4, save_steps=2, resume=True))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_one_engine_serves_every_evaluation_of_a_run(tiny_model_dir, tmp_path, monkeypatch):
+    import posttrain.engine as engine_mod
+
+    built = []
+    real = engine_mod.make_engine
+    monkeypatch.setattr(engine_mod, "make_engine", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    train(_cfg(tiny_model_dir, tmp_path / "e", max_steps=4, eval_steps=1, eval_examples=2, eval_accuracy_samples=2,
+               eval_max_new_tokens=4, engine="hf"))
+    assert built == ["hf"]  # four evaluations, one engine, the engine asked for
+    rows = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_accuracy" in r for r in rows) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def _training_command(name: str, help_text: str, module: str, config_class: str,
         mod = importlib.import_module(module)
         cfg = config_from_args(getattr(mod, config_class), args, args.config)
         final = mod.train(cfg)
-        if "step" in final:
+        if "step" in final and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per rank
             print(f"done: step {final['step']}, model in {cfg.output}")
 
     def configure(p):
@@ -232,8 +233,8 @@ _training_command("pretrain", "Train a small Llama-architecture base model from 
 # --------------------------------------------------------------------------------------- merge --
 @command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
 def cmd_merge(args):
-    from posttrain.trainers.export import merge_adapter
     from posttrain.trainers.common import push_folder
+    from posttrain.trainers.export import merge_adapter
 
     out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
     print(f"merged {args.adapter} -> {out}")

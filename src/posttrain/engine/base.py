@@ -95,9 +95,21 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 class Engine:
-    """Generates completions for tokenized prompts."""
+    """Generates completions for tokenized prompts from ``model``.
+
+    The contract with a trainer: ``generate`` samples from the weights as of the last
+    ``sync_weights`` (or construction); a trainer calls ``sync_weights(policy)`` wherever it changed
+    the policy. One engine serves a whole run: rollouts and evaluations alike.
+    """
 
     name = "engine"
+    model = None
+
+    def sync_weights(self, policy) -> None:
+        """Make the next ``generate`` sample from ``policy``'s current weights. ``policy`` must be the
+        model the engine was built on (an engine's caches and compiled code are shaped for it)."""
+        if policy is not self.model:
+            raise ValueError("sync_weights: this engine serves another model; build an engine for this one")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
         """Completions ordered prompt by prompt: [p0 s0, p0 s1, …, p1 s0, …]."""

@@ -16,10 +16,10 @@ through Python, so small decode steps are launch-bound. This engine:
 * compacts the batch when enough rows have finished (EOS or stop string), moving live rows to the
   front and switching to a smaller captured graph, so finished sequences stop costing work.
 
-Projections run on inference weights that every ``generate`` call refreshes from the model (a few
-milliseconds): q|k|v as one matrix and gate|up as one, so a decode step makes two GEMMs where it
-made five, and LoRA adapters merged in (W + scale·B·A), so an adapter being trained costs no extra
-GEMMs and the rollouts always see the current policy. A plain projection that needs neither (o, down
+Projections run on inference weights built from the model at the first ``generate`` and refreshed by
+``sync_weights`` (a few milliseconds), which a trainer calls after it changed the policy: q|k|v as one
+matrix and gate|up as one, so a decode step makes two GEMMs where it made five, and LoRA adapters
+merged in (W + scale·B·A), so an adapter being trained costs no extra GEMMs. A plain projection that needs neither (o, down
 without LoRA) is the model's own weight, no copy. ``merge_weights=False`` keeps the memory instead
 and calls the model's modules (LoRA live). Norms, MLP activation, rotary embedding and lm_head are
 always the model's own modules.
@@ -204,6 +204,13 @@ class FastEngine(Engine):
             self._prefill_fwd = torch.compile(self._prefill_forward, dynamic=True)
             self._lse_impl = torch.compile(_lse, dynamic=True)
         self._no_eos = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()  # the buffers were made in inference mode, inside generate
+    def sync_weights(self, policy) -> None:
+        """Rebuild the inference weights from ``policy`` (the engine's own model), which changed."""
+        super().sync_weights(policy)
+        if self._w is not None:
+            self._refresh_weights()
 
     # ------------------------------------------------------------------------------ model pieces --
     def _refresh_weights(self):
@@ -413,7 +420,8 @@ class FastEngine(Engine):
         bar = tqdm(total=len(prompts) * g, desc="generate[fast]", disable=not progress, unit="seq")
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        self._refresh_weights()  # the policy may have changed since the last call
+        if self._w is None:
+            self._refresh_weights()  # first call: build the inference weights
         for start in range(0, len(prompts), per_wave):
             wave = prompts[start:start + per_wave]
             out.extend(self._wave(wave, params, start))

@@ -7,6 +7,8 @@ tokens up to and including the first EOS.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # ------------------------------------------------------------------------------------ advantages --
@@ -66,30 +68,62 @@ KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
 
 # ----------------------------------------------------------------------------------- aggregation --
-# Each turns a per-token loss [N, T] and mask [N, T] into a scalar.
+# An optimizer step's loss is spread over micro-batches (and ranks). Each aggregation below returns
+# one micro-batch's *share* of the step's loss, divided by a normaliser of the whole step
+# (``StepSize``), so summing the shares over micro-batches and ranks gives the same loss, and the same
+# gradient, however the step is split. Only ``bnpo`` normalises per micro-batch, and says so.
 
 
-def agg_seq_sum(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """REINFORCE (seed 000): sum over each sequence's tokens, mean over sequences."""
-    return (x * mask).sum(1).mean()
+@dataclass(frozen=True)
+class StepSize:
+    """What one optimizer step holds, over all its micro-batches and all ranks."""
+
+    sequences: int
+    """Completions that enter the loss."""
+    tokens: int
+    """Completion tokens that enter the loss (mask ones)."""
+    micro_batches: int = 1
+    """Micro-batches per rank (only ``bnpo`` uses it)."""
+
+    @staticmethod
+    def of(masks: list[torch.Tensor], world: int = 1, reduce=None) -> StepSize:
+        """The step size from this rank's micro-batch masks; ``reduce(tensor)`` sums over ranks."""
+        counts = torch.tensor([float(sum(m.shape[0] for m in masks)), float(sum(m.sum() for m in masks))])
+        if reduce is not None and world > 1:
+            counts = reduce(counts)
+        return StepSize(int(counts[0]), int(counts[1]), len(masks))
 
 
-def agg_seq_mean(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """GRPO: mean over each sequence's tokens, then mean over sequences (long answers weigh less per token)."""
-    return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+def agg_seq_sum(x: torch.Tensor, mask: torch.Tensor, step: StepSize, max_len: int) -> torch.Tensor:
+    """REINFORCE (seed 000): sum over each sequence's tokens, mean over the step's sequences."""
+    return (x * mask).sum() / max(step.sequences, 1)
 
 
-def agg_token_mean(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """DAPO: mean over all tokens of the batch (every token weighs the same)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def agg_seq_mean(x: torch.Tensor, mask: torch.Tensor, step: StepSize, max_len: int) -> torch.Tensor:
+    """GRPO: mean over each sequence's tokens, then mean over the step's sequences (a long answer's
+    tokens weigh less each)."""
+    return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(step.sequences, 1)
 
 
-def agg_constant(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Dr. GRPO: sum over tokens divided by a constant (N × max completion length): no length bias."""
-    return (x * mask).sum() / (x.shape[0] * max_len)
+def agg_token_mean(x: torch.Tensor, mask: torch.Tensor, step: StepSize, max_len: int) -> torch.Tensor:
+    """DAPO (verl's token-mean): mean over every token of the step; each token weighs the same."""
+    return (x * mask).sum() / max(step.tokens, 1)
 
 
-AGGREGATIONS = {"seq_sum": agg_seq_sum, "grpo": agg_seq_mean, "dapo": agg_token_mean, "dr_grpo": agg_constant}
+def agg_constant(x: torch.Tensor, mask: torch.Tensor, step: StepSize, max_len: int) -> torch.Tensor:
+    """Dr. GRPO: sum over tokens divided by a constant (the step's sequences × max completion length)."""
+    return (x * mask).sum() / (max(step.sequences, 1) * max_len)
+
+
+def agg_bnpo(x: torch.Tensor, mask: torch.Tensor, step: StepSize, max_len: int) -> torch.Tensor:
+    """TRL's bnpo: mean over the tokens of each *micro-batch*, averaged over micro-batches. Not
+    split-invariant: the weight of a token depends on which micro-batch it landed in."""
+    return (x * mask).sum() / mask.sum().clamp(min=1) / step.micro_batches
+
+
+AGGREGATIONS = {"seq_sum": agg_seq_sum, "grpo": agg_seq_mean, "dapo": agg_token_mean, "dr_grpo": agg_constant,
+                "bnpo": agg_bnpo}
+SPLIT_INVARIANT = ("seq_sum", "grpo", "dapo", "dr_grpo")
 
 
 # ---------------------------------------------------------------------------------------- losses --
@@ -98,6 +132,7 @@ def policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    step: StepSize,
     *,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -107,14 +142,18 @@ def policy_loss(
     aggregation: str = "grpo",
     max_len: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss with an optional KL penalty to a reference policy.
+    """This micro-batch's share of a step's clipped policy-gradient loss, with an optional KL penalty.
 
     logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under the current, rollout-time
-    and reference policies. advantages: [N] one per completion. mask: [N, T] in {0, 1}.
+    and reference policies. advantages: [N] one per completion. mask: [N, T] in {0, 1}. ``step``: the
+    size of the whole optimizer step this micro-batch belongs to.
 
     Per token: -min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) + β·KL, with ρ = exp(logp - old_logp).
     With one update per rollout ρ = 1 and the gradient is exactly A·∇log π (REINFORCE).
     For ``seq_sum`` (REINFORCE) the KL term is averaged per sequence as in seed 000.
+
+    Every returned value (loss and metrics) is a share: summed over the step's micro-batches and
+    ranks it gives the step's value.
     """
     mask = mask.to(logp.dtype)
     adv = advantages[:, None].to(logp.dtype)  # [N, 1]
@@ -122,18 +161,16 @@ def policy_loss(
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     pg = -torch.minimum(ratio * adv, clipped * adv)  # [N, T]
     agg = AGGREGATIONS[aggregation]
-    loss = agg(pg, mask, max_len)
+    loss = agg(pg, mask, step, max_len)
     metrics: dict[str, torch.Tensor] = {"pg_loss": loss.detach()}
-    if ref_logp is not None and beta != 0:
-        kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp)  # [N, T]
+    if ref_logp is not None:
         kl_agg = agg_seq_mean if aggregation == "seq_sum" else agg
-        kl_term = kl_agg(kl, mask, max_len)
-        loss = loss + beta * kl_term
+        kl_term = kl_agg(KL_ESTIMATORS[kl_estimator](logp, ref_logp), mask, step, max_len)  # [N, T] -> share
+        if beta != 0:
+            loss = loss + beta * kl_term
         metrics["kl"] = kl_term.detach()
-    elif ref_logp is not None:
-        metrics["kl"] = agg_seq_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logp), mask, max_len).detach()
     is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-    metrics["clip_fraction"] = ((is_clipped.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
+    metrics["clip_fraction"] = agg_token_mean(is_clipped.to(mask.dtype), mask, step, max_len).detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
@@ -95,15 +96,21 @@ class MetricsLogger:
     Only the main process writes; other ranks' calls are no-ops.
     """
 
-    def __init__(self, output: Path, is_main: bool, report_to: list[str], run_config: dict, resume: bool):
+    def __init__(self, output: Path, is_main: bool, report_to: list[str], run_config: dict, resume_step: int | None):
+        """``resume_step``: the step a resumed run continues from (rows logged after it, by the run
+        that was interrupted, are dropped so no step appears twice); None starts a fresh file."""
         self.is_main = is_main
         self.path = output / "metrics.jsonl"
         self.tb = self.wandb = None
         if not is_main:
             return
         output.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            from posttrain.utils import write_jsonl
+
+            write_jsonl(self.path, [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step])
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -272,19 +279,19 @@ def config_dict(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------------- evaluation --
-def accuracy_eval(model, tokenizer, task: Task, examples, max_new_tokens: int, accelerator) -> dict:
-    """Greedy accuracy through the evaluation harness; problems sharded across ranks."""
-    from posttrain.engine import SamplingParams, make_engine
-    from posttrain.evaluation import evaluate
-
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    shard = examples[accelerator.process_index::accelerator.num_processes]
-    engine = make_engine("auto", unwrapped, tokenizer, batch_size=32)
-    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
-    unwrapped.train()
+def accuracy_eval(engine, tokenizer, task, examples, max_new_tokens: int, accelerator) -> dict:
+    """Greedy accuracy through the evaluation harness, on the run's own engine (whose weights the
+    caller has synced); problems sharded across ranks."""
     from accelerate.utils import gather_object
 
+    from posttrain.engine import SamplingParams
+    from posttrain.evaluation import evaluate
+
+    shard = examples[accelerator.process_index::accelerator.num_processes]
+    was_training = engine.model.training
+    engine.model.eval()
+    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
+    engine.model.train(was_training)
     records = gather_object(res.records)
     n = max(1, len(records))
     return {"eval_accuracy": sum(r["correct"] for r in records) / n,
@@ -307,28 +314,204 @@ def push_folder(folder: Path, repo: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ run set-up --
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict | None:
+# Options a resumed run may change; any other change would make the saved config lie about the run.
+RESUMABLE = {"max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+             "report_to", "push_to_hub", "eval_samples", "eval_examples", "eval_accuracy_samples", "engine",
+             "rollout_batch_size", "max_bad_steps"}
+
+
+def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int | None = None) -> dict | None:
     """Check the output folder before a run. Returns the final state of an already finished run
-    (when resuming it), else None. Refuses to mix a new run into an old one's folder."""
+    that ``max_steps`` does not extend (when resuming it), else None. Refuses to mix a new run into
+    an old one's folder; ``--overwrite`` replaces only a folder that a posttrain run wrote."""
     state_file = output / "run_state.json"
+    if output.exists() and not output.is_dir():
+        raise PosttrainError(f"--output {output} is a file; give a folder")
     if output.exists() and any(output.iterdir()) and not (resume or overwrite):
         raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     if resume and state_file.exists():
         state = json.loads(state_file.read_text())
-        if state.get("finished"):
-            print(f"run in {output} already finished at step {state['step']}; nothing to do")
+        if state.get("finished") and (max_steps is None or state["step"] >= max_steps):
+            print(f"run in {output} already finished at step {state['step']}; nothing to do "
+                  f"(pass a larger --max-steps to continue it)")
             return state
-    if overwrite and output.exists():
-        shutil.rmtree(output)
+    if overwrite and output.exists() and any(output.iterdir()):
+        if not any((output / name).exists() for name in RUN_MARKERS):
+            raise PosttrainError(f"--overwrite: {output} was not written by a posttrain run (no {RUN_MARKERS[0]}); "
+                                 f"refusing to delete it. Choose another --output")
     return None
 
 
+RUN_MARKERS = ("run_config.json", "sft_config.json", "rl_config.json")
+
+
+def check_resumed_config(output: Path, saved_name: str, cfg) -> None:
+    """A resumed run must train as the interrupted one did: refuse changed options (one line)."""
+    saved_file = output / saved_name
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = json.loads(json.dumps(asdict(cfg), default=str))
+    changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise PosttrainError(f"--resume: --{k.replace('_', '-')} is {now[k]!r} but the run in {output} used {saved[k]!r}; "
+                             f"resume with the same options (only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite'}))} "
+                             f"may change) or start a new --output")
+
+
+def epoch_indices(n: int, step: int, per_rank: int, stream_seed: int, rank: int, world: int) -> list[int]:
+    """Indices into ``n`` items for this rank at ``step``: a fresh permutation each epoch (sampling
+    without replacement; tiny datasets cycle), sharded by rank, so ``world`` ranks of ``per_rank`` see
+    exactly the items one rank of ``world × per_rank`` would. Deterministic: a resumed run sees the
+    data an uninterrupted one would."""
+    global_per_step = per_rank * world
+    steps_per_epoch = max(1, n // global_per_step)
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed + epoch)).tolist()
+    if len(order) < global_per_step:
+        order = order * -(-global_per_step // len(order))
+    return order[i * global_per_step:(i + 1) * global_per_step][rank::world]
+
+
+class NonFinite:
+    """The one policy for a NaN/inf loss, in every trainer: skip that step (no update), and stop with
+    a one-line error after ``max_bad`` such steps in a row."""
+
+    def __init__(self, max_bad: int, is_main: bool = True):
+        self.max_bad, self.in_a_row, self.is_main = max_bad, 0, is_main
+
+    def ok(self, finite: bool, step: int, last_checkpoint) -> bool:
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.is_main:
+            print(f"warning: non-finite loss at step {step}; step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.max_bad:
+            raise PosttrainError(f"{self.in_a_row} steps in a row had NaN/inf loss; stopped. Last good checkpoint: "
+                                 f"{last_checkpoint or 'none'}. Lower --learning-rate or check the data and rewards")
+        return False
+
+
+class TrainingRun:
+    """The scaffolding SFT and RL share, so that their ``train`` reads as the algorithm: the output
+    folder (checked before anything is written), the accelerator, resume, checkpoints, the metrics
+    logger and progress bar, graceful stops, the non-finite-loss policy and the final save.
+
+        run = TrainingRun(cfg, "rl")                  # raises, or run.done holds a finished run's state
+        model, opt, sched = run.prepare(model, opt, sched, total_steps)   # resumes: run.step
+        while run.step < total_steps:
+            ... one step of the algorithm ...
+            run.end_step(metrics, postfix)            # log, bar, checkpoint, stop on a signal
+        return run.finish(model, tokenizer, extra)    # final model, run_state.json, process group
+    """
+
+    def __init__(self, cfg, stage: str):
+        self.cfg, self.stage = cfg, stage
+        self.output = Path(cfg.output)
+        self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, getattr(cfg, "max_steps", None))
+        if self.done is not None:
+            return
+        if cfg.resume:
+            check_resumed_config(self.output, f"{stage}_config.json", cfg)
+        self.accelerator = make_accelerator()
+        acc = self.accelerator
+        self.device, self.is_main = acc.device, acc.is_main_process
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.ckpts = Checkpoints(self.output, cfg.save_total_limit)
+        self.nonfinite = NonFinite(cfg.max_bad_steps, self.is_main)
+        self.step = 0
+        self.last: dict = {}
+
+    def log(self, *lines: str) -> None:
+        if self.is_main:
+            print(*lines)
+
+    def prepare(self, model, optimizer, scheduler, total_steps: int, run_info: dict | None = None):
+        """Wrap for the accelerator (DDP/FSDP), resume from the latest intact checkpoint, start the
+        logger and write ``{stage}_config.json``. Returns the wrapped objects."""
+        acc = self.accelerator
+        if self.cfg.overwrite and self.is_main and self.output.exists():
+            shutil.rmtree(self.output)  # validated in prepare_output: a posttrain run's folder
+        acc.wait_for_everyone()
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        Checkpoints.only_trainable(acc, model)
+        latest = self.ckpts.latest() if self.cfg.resume else None
+        if self.cfg.resume and latest is None and (self.output / "run_state.json").exists():
+            raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
+                                 f"(save_steps was 0); start a new --output")
+        if latest is not None:
+            self.step = self.ckpts.load(acc, latest)["step"]
+            self.log(f"resumed from {latest} (step {self.step})")
+        self.total_steps = total_steps
+        self.logger = MetricsLogger(self.output, self.is_main, self.cfg.report_to, config_dict(self.cfg),
+                                    resume_step=self.step if latest is not None else None)
+        if self.is_main:
+            write_json(self.output / f"{self.stage}_config.json", {**config_dict(self.cfg), **(run_info or {})})
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, disable=not self.is_main, unit="step")
+        self.stop = GracefulStop().__enter__()
+        return model, optimizer, scheduler
+
+    def end_step(self, metrics: dict, postfix: dict | None = None) -> None:
+        """After an optimizer step (``self.step`` already advanced): log, checkpoint, honour a stop."""
+        step, cfg = self.step, self.cfg
+        if step % cfg.logging_steps == 0 or step == self.total_steps or any(k.startswith("eval_") for k in metrics):
+            self.logger.log(step, metrics)
+        self.last = metrics
+        self.bar.update(1)
+        if postfix:
+            self.bar.set_postfix(postfix)
+        if (cfg.save_steps and step % cfg.save_steps == 0) or self.stop.requested:
+            self.ckpts.save(self.accelerator, step, {"step": step, "total_steps": self.total_steps})
+        if self.stop.requested:
+            self._close()
+            raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {self.output}")
+
+    def skip_step(self, finite: bool, optimizer) -> bool:
+        """The non-finite policy: True when the step's loss was finite on every rank; otherwise the
+        gradients are dropped, the step does not count, and a run of bad steps stops the run."""
+        finite = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "min").item() > 0
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+        return not self.nonfinite.ok(finite, self.step + 1, self.ckpts.latest())
+
+    def finish(self, model, tokenizer, extra: dict) -> dict:
+        """Save the final model (a standard HF folder), a last checkpoint (so a larger --max-steps can
+        continue the run) and ``run_state.json``; push if asked; close the process group."""
+        self._close()
+        cfg, acc = self.cfg, self.accelerator
+        latest = self.ckpts.latest()
+        if cfg.save_steps and (latest is None or int(latest.name.split("-")[1]) != self.step):
+            self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
+        save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model})
+        final = {"finished": True, "step": self.step, **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
+        if self.is_main:
+            write_json(self.output / "run_state.json", final)
+        if cfg.push_to_hub and self.is_main:
+            push_folder(self.output, cfg.push_to_hub)
+        acc.wait_for_everyone()
+        acc.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return final
+
+    def _close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+        self.stop.__exit__(None, None, None)
+
+
 def make_accelerator():
-    """bf16 autocast on GPUs; plain fp32 on CPU. Works unchanged under ``accelerate launch`` (DDP/FSDP)."""
+    """bf16 autocast on GPUs; plain fp32 on CPU. Works unchanged under ``accelerate launch`` (DDP/FSDP).
+
+    Our schedules count optimizer steps, whatever the number of ranks, so the scheduler steps once per
+    optimizer step (accelerate's default steps it once per rank, which ran the schedule N× too fast
+    on N GPUs)."""
     from accelerate import Accelerator
 
     use_cuda = torch.cuda.is_available()
-    return Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)
+    return Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda, step_scheduler_with_optimizer=False)
 
 
 # ------------------------------------------------------------------------------ shared options --
@@ -387,11 +570,16 @@ class TrainerOptions:
     """Push the final adapter/model to this hub repo."""
     trust_remote_code: bool = False
     """Allow model repos to run their own code."""
+    engine: str = "auto"
+    """Generation engine for rollouts and evaluations during training: fast, hf or auto (one per run)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
 
     def _check_common(self) -> None:
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
                        "logging_steps": self.logging_steps >= 1, "per_device_batch_size": self.per_device_batch_size >= 1,
-                       "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1})
+                       "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+                       "max_bad_steps": self.max_bad_steps >= 1})
         if self.method not in METHODS:
             raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.resume and self.overwrite:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.errors import PosttrainError
-from posttrain.trainers.common import MetricsLogger, build_scheduler, make_accelerator
+from posttrain.trainers.common import MetricsLogger, NonFinite, build_scheduler, make_accelerator
 from posttrain.utils import atomic_dir, atomic_write, seed_everything, write_json
 
 
@@ -72,6 +72,8 @@ class PretrainConfig:
     """Seed for initialisation and data order."""
     save_dtype: str = "bf16"
     """Dtype of the saved weights (bf16 keeps the committed model small)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
     logging_steps: int = 50
     """Log every N steps."""
 
@@ -189,7 +191,8 @@ def train(cfg: PretrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, "cosine", cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     out = Path(cfg.output)
-    logger = MetricsLogger(Path(str(out) + ".logs"), is_main, [], {}, resume=False)
+    logger = MetricsLogger(Path(str(out) + ".logs"), is_main, [], {}, resume_step=None)
+    nonfinite = NonFinite(cfg.max_bad_steps, is_main)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_rows, generator=g)
     per_step = cfg.batch_size * accelerator.num_processes
@@ -204,14 +207,16 @@ def train(cfg: PretrainConfig) -> dict:
         with accelerator.autocast():
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         accelerator.backward(loss)
+        loss_val = loss.item()
+        if not nonfinite.ok(math.isfinite(loss_val), step + 1, None):
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            continue
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise PosttrainError(f"pretraining loss became {loss_val} at step {step}; lower --learning-rate")
             logger.log(step, {"loss": loss_val, "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{loss_val:.3f}")
         bar.update(1)

@@ -2,10 +2,13 @@
 
 One loop serves three algorithms (registered in ``ALGORITHMS``):
 
-* ``reinforce`` (seed 000): one sample per prompt, baseline = mean reward of the micro-batch, optional
-  unit-variance scaling, loss = −Σ_t log π(a_t)·A summed per sequence, KL (k1) to the frozen reference.
+* ``reinforce`` (seed 000): one sample per prompt, baseline = mean reward of a group of
+  ``baseline_group_size`` completions, optional unit-variance scaling, loss = −Σ_t log π(a_t)·A summed
+  per sequence, KL (k1) to the frozen reference.
 * ``grpo`` (seed 003): G samples per prompt, advantages normalised within each group, clipped ratio
-  when a rollout batch is reused for ``num_iterations`` updates, loss aggregation ``grpo``/``dr_grpo``/``dapo``.
+  when a rollout batch is reused for ``num_iterations`` updates, loss aggregation ``grpo``/``dapo``/
+  ``dr_grpo`` (normalised over the whole optimizer step: the gradient does not depend on how the step
+  is split into micro-batches or ranks) or ``bnpo``.
 * ``rloo``: G samples per prompt, leave-one-out baseline.
 
 With LoRA the reference policy is the same base model with the adapter switched off: no second copy
@@ -16,27 +19,32 @@ live on one rank.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, policy_loss, token_logprobs
-from posttrain.tasks import Task, make_task
+from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss, token_logprobs
+from posttrain.tasks import make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
-from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
-                                       build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
-                                       prepare_output, push_folder, save_final_model, warmup_steps_for)
-from posttrain.utils import seed_everything, write_json
+from posttrain.trainers.common import (
+    TrainerOptions,
+    TrainingRun,
+    accuracy_eval,
+    build_optimizer,
+    build_scheduler,
+    count_parameters,
+    epoch_indices,
+    load_policy,
+    warmup_steps_for,
+)
+from posttrain.utils import seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
 ALGORITHMS = {
-    "reinforce": {"advantage": "batch_mean", "group": "micro_batch", "aggregation": "seq_sum", "kl_estimator": "k1"},
+    "reinforce": {"advantage": "batch_mean", "group": "batch", "aggregation": "seq_sum", "kl_estimator": "k1"},
     "grpo": {"advantage": "group", "group": "prompt", "aggregation": None, "kl_estimator": None},
     "rloo": {"advantage": "leave_one_out", "group": "prompt", "aggregation": None, "kl_estimator": None},
 }
@@ -64,8 +72,6 @@ class RLConfig(TrainerOptions):
     """Completion length limit."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_new_tokens from the loss."""
-    engine: str = "auto"
-    """Rollout engine: fast, hf or auto."""
     rollout_batch_size: int = 64
     """Sequences generated together."""
     # -- optimisation
@@ -84,7 +90,12 @@ class RLConfig(TrainerOptions):
     kl_estimator: str | None = None
     """k1 or k3; default k1 for reinforce (the seed) and k3 for grpo/rloo."""
     loss_type: str = "grpo"
-    """Loss aggregation for grpo/rloo: grpo (per sequence), dr_grpo (constant normaliser) or dapo (per token)."""
+    """Loss aggregation for grpo/rloo, over the whole optimizer step: grpo (mean per sequence, then over
+    sequences), dapo (mean over every token of the step), dr_grpo (sum over a constant) or bnpo (TRL's:
+    mean over each micro-batch's tokens; the only one that changes with --per-device-batch-size)."""
+    baseline_group_size: int | None = None
+    """REINFORCE: each completion's baseline is the mean reward of its group of this many consecutive
+    completions (seed 000: 4, its micro-batch); default: all of this rank's completions of the step."""
     scale_rewards: bool = True
     """Divide advantages by the group (or batch) std."""
     drop_zero_advantage: bool = False
@@ -95,8 +106,6 @@ class RLConfig(TrainerOptions):
     """Lower clip range ε_low of the importance ratio."""
     epsilon_high: float = 0.2
     """Upper clip range ε_high (DAPO raises it, e.g. 0.28)."""
-    max_bad_steps: int = 3
-    """Stop after this many consecutive steps with NaN/inf loss (each is skipped)."""
     # -- runtime
     eval_steps: int = 50
     """Evaluate accuracy on held-out problems every N steps (0 disables)."""
@@ -109,7 +118,7 @@ class RLConfig(TrainerOptions):
         if self.algo not in ALGORITHMS:
             raise PosttrainError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.loss_type not in AGGREGATIONS or self.loss_type == "seq_sum":
-            raise PosttrainError(f"unknown --loss-type {self.loss_type!r}; choose grpo, dr_grpo or dapo")
+            raise PosttrainError(f"unknown --loss-type {self.loss_type!r}; choose grpo, dapo, dr_grpo or bnpo")
         if self.kl_estimator is not None and self.kl_estimator not in KL_ESTIMATORS:
             raise PosttrainError(f"unknown --kl-estimator {self.kl_estimator!r}; choose k1 or k3")
         if self.algo in ("grpo", "rloo") and self.num_generations < 2:
@@ -119,6 +128,9 @@ class RLConfig(TrainerOptions):
             raise PosttrainError(f"completions per step per device ({rows}) must be a multiple of "
                                  f"--num-generations ({self.num_generations}) so whole groups stay on one device")
         self._check_common()
+        if self.baseline_group_size is not None and (self.baseline_group_size < 1 or rows % self.baseline_group_size):
+            raise PosttrainError(f"--baseline-group-size {self.baseline_group_size} must divide the completions per step "
+                                 f"per device ({rows})")
         require(self, {"max_steps": self.max_steps >= 1, "num_iterations": self.num_iterations >= 1,
                   "learning_rate": self.learning_rate > 0, "beta": self.beta >= 0, "temperature": self.temperature > 0,
                   "max_new_tokens": self.max_new_tokens >= 1}, "rl")
@@ -134,30 +146,94 @@ class RLConfig(TrainerOptions):
         return s
 
 
-# ------------------------------------------------------------------------------------- rollouts --
+# ------------------------------------------------------------------------------------ data types --
+@dataclass
+class Prompts:
+    """The training prompts, rendered once: reward functions get the text, the engine the token ids."""
+
+    examples: list  # [P] task examples (question, answer)
+    texts: list[str]  # [P]
+    ids: list[list[int]]  # [P] token ids
+
+
 @dataclass
 class Rollout:
-    """One optimizer step's worth of completions on this rank, as right-padded tensors."""
+    """One optimizer step's completions on this rank: whole groups of G, prompt by prompt.
 
-    input_ids: torch.Tensor  # [N, L] prompt + completion, right-padded
-    attention_mask: torch.Tensor  # [N, L]
-    completion_mask: torch.Tensor  # [N, L-1] 1 where position t+1 is a generated token that counts
-    advantages: torch.Tensor  # [N]
-    rewards: torch.Tensor  # [N]
-    old_logp: torch.Tensor | None = None  # [N, L-1]
-    ref_logp: torch.Tensor | None = None  # [N, L-1]
+    Filled in order by the loop's steps: ``collect_rollouts`` (prompt, completions), ``score``
+    (rewards), ``compute_advantages`` (advantages).
+    """
+
+    prompt_idx: list[int]  # [N] index into Prompts of each completion (G consecutive per prompt)
+    completions: list  # [N] engine Completions
+    seconds: float  # wall time of sampling
+    rewards: torch.Tensor | None = None  # [N] weighted sum of the reward functions
+    reward_parts: dict[str, list[float]] = field(default_factory=dict)  # reward name -> [N]
+    advantages: torch.Tensor | None = None  # [N]
+    frac_groups_all_equal: float = 0.0  # share of advantage groups whose rewards all agree
 
 
+@dataclass
+class Batch:
+    """The tensors an update trains on: the completions it uses, right-padded."""
+
+    input_ids: torch.Tensor  # [B, L] prompt + completion
+    attention_mask: torch.Tensor  # [B, L]
+    completion_mask: torch.Tensor  # [B, L-1] 1 where position t+1 is a generated token that counts
+    advantages: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None = None  # [B, L-1] at rollout time (num_iterations > 1)
+    ref_logp: torch.Tensor | None = None  # [B, L-1] under the reference policy (beta > 0)
+
+    def micro_batches(self, size: int) -> list[slice]:
+        return [slice(i, i + size) for i in range(0, len(self.input_ids), size)]
+
+
+# ------------------------------------------------------------------------------ the loop's steps --
 def prompts_for_step(n_prompts: int, step: int, per_step: int, seed: int, rank: int, world: int) -> list[int]:
-    """Prompt indices for this rank at rollout ``step``: a fresh permutation each epoch (sampling
-    without replacement), sharded by rank. Deterministic, so resumed runs see the same prompts."""
-    global_per_step = per_step * world
-    steps_per_epoch = max(1, n_prompts // global_per_step)
-    epoch, i = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    if len(order) < global_per_step:
-        order = order * math.ceil(global_per_step / len(order))
-    return order[i * global_per_step:(i + 1) * global_per_step][rank::world]
+    """Prompt indices for this rank at rollout ``step`` (see ``epoch_indices``)."""
+    return epoch_indices(n_prompts, step, per_step, seed * 7919, rank, world)
+
+
+def collect_rollouts(engine, prompts: Prompts, rollout_index: int, cfg: RLConfig, params, rank: int, world: int) -> Rollout:
+    """Step 1, sample: this rank's prompts for the step, G completions each, from the engine's
+    current copy of the policy."""
+    per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    idx = prompts_for_step(len(prompts.ids), rollout_index, per_step, cfg.seed, rank, world)
+    params.seed = cfg.seed + 1_000_003 * rollout_index + rank
+    t0 = time.perf_counter()
+    completions = engine.generate([prompts.ids[i] for i in idx], params)
+    return Rollout([i for i in idx for _ in range(cfg.num_generations)], completions, time.perf_counter() - t0)
+
+
+def score(rollout: Rollout, prompts: Prompts, reward_fns, chat: bool, device) -> None:
+    """Step 2, reward: every reward function on every completion; the weighted sum is the reward."""
+    exs = [prompts.examples[i] for i in rollout.prompt_idx]
+    texts = [c.text for c in rollout.completions]
+    total, rollout.reward_parts = compute_rewards(
+        reward_fns, prompts=[prompts.texts[i] for i in rollout.prompt_idx],
+        completions=[[{"role": "assistant", "content": t}] for t in texts] if chat else texts,
+        answer=[e.response or f"#### {e.numeric_answer}" for e in exs], numeric_answer=[e.numeric_answer for e in exs],
+        completion_lengths=[len(c.token_ids) for c in rollout.completions],
+        completion_ids=[c.token_ids for c in rollout.completions])
+    rollout.rewards = torch.tensor(total, dtype=torch.float32, device=device)
+
+
+def advantage_group_size(cfg: RLConfig, n: int) -> int:
+    """Completions per advantage group: G for grpo/rloo; for reinforce, ``baseline_group_size``
+    (default: the whole step on this rank). Never the micro-batch size."""
+    if ALGORITHMS[cfg.algo]["group"] == "prompt":
+        return cfg.num_generations
+    return min(cfg.baseline_group_size or n, n)
+
+
+def compute_advantages(rewards: torch.Tensor, cfg: RLConfig) -> tuple[torch.Tensor, float]:
+    """Step 3, advantage: rewards grouped as the algorithm asks ([groups, size]; whole groups live on
+    one rank) through its advantage function. Returns ([N] advantages, share of all-equal groups)."""
+    size = advantage_group_size(cfg, rewards.numel())
+    groups = rewards.view(-1, size)  # rows per step is a multiple of size (checked in RLConfig)
+    adv = ADVANTAGES[cfg.spec["advantage"]](groups, cfg.scale_rewards).reshape(-1)
+    all_equal = (groups.max(1).values == groups.min(1).values).float().mean().item()
+    return adv, all_equal
 
 
 def build_rollout(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
@@ -177,6 +253,18 @@ def build_rollout(prompt_ids: list[list[int]], completions, pad_id: int, mask_tr
     return ids.to(device), attn.to(device), cmask.to(device)
 
 
+def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: int, device) -> Batch:
+    """The completions the update trains on, as tensors. With ``drop_zero_advantage`` (and no KL term)
+    completions whose advantage is 0 carry no gradient and are left out; at least one row stays, so
+    every rank runs a backward (DDP all-reduces in it)."""
+    used = list(range(len(rollout.completions)))
+    if cfg.drop_zero_advantage and cfg.beta == 0:
+        used = (rollout.advantages != 0).nonzero()[:, 0].tolist() or [0]
+    ids, attn, cmask = build_rollout([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
+                                     pad_id, cfg.mask_truncated_completions, device)
+    return Batch(ids, attn, cmask, rollout.advantages[used])
+
+
 def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token: ([N, L-1], [N, L-1])."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -184,14 +272,45 @@ def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, t
     return token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
-def compute_advantages(rewards: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
-    """Group rewards as the algorithm asks ([groups, size]) and apply its advantage function."""
-    spec = cfg.spec
-    size = min(cfg.per_device_batch_size if spec["group"] == "micro_batch" else cfg.num_generations, rewards.numel())
-    usable = rewards.numel() - rewards.numel() % size
-    adv = torch.zeros_like(rewards)
-    adv[:usable] = ADVANTAGES[spec["advantage"]](rewards[:usable].view(-1, size), cfg.scale_rewards).reshape(-1)
-    return adv
+@torch.no_grad()
+def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
+    """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
+    log-probs (for the KL penalty), micro-batch by micro-batch."""
+    mbs = batch.micro_batches(cfg.per_device_batch_size)
+    if cfg.num_iterations > 1:
+        batch.old_logp = torch.cat([sequence_logprobs(model, batch.input_ids[s], batch.attention_mask[s])[0] for s in mbs])
+    if cfg.beta > 0:
+        batch.ref_logp = torch.cat([_reference_logprobs(model, ref_model, batch.input_ids[s], batch.attention_mask[s], accelerator)
+                                    for s in mbs])
+
+
+def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[str, float]]:
+    """Step 4, update: forward and backward over the batch's micro-batches, each loss a share of the
+    whole step's (normalised by ``StepSize`` over all micro-batches and ranks). Gradients are left
+    for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
+    spec, world = cfg.spec, accelerator.num_processes
+    mbs = batch.micro_batches(cfg.per_device_batch_size)
+    step = StepSize.of([batch.completion_mask[s] for s in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
+    sums: dict[str, torch.Tensor] = {}
+    for k, s in enumerate(mbs):
+        # Gradients are all-reduced only after the last micro-batch of the step.
+        sync = accelerator.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext()
+        with sync, accelerator.autocast():
+            logp, entropy = sequence_logprobs(model, batch.input_ids[s], batch.attention_mask[s])
+            loss, m = policy_loss(
+                logp, batch.old_logp[s] if batch.old_logp is not None else logp.detach(), batch.advantages[s],
+                batch.completion_mask[s], step, ref_logp=batch.ref_logp[s] if batch.ref_logp is not None else None,
+                beta=cfg.beta, kl_estimator=spec["kl_estimator"], eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
+                aggregation=spec["aggregation"], max_len=cfg.max_new_tokens)
+        if not torch.isfinite(loss):
+            return False, {}
+        accelerator.backward(loss * world)  # DDP averages gradients over ranks; the shares add up over them
+        m["entropy"] = agg_token_mean(entropy.detach(), batch.completion_mask[s], step, 0)
+        for key, v in m.items():
+            sums[key] = sums.get(key, 0.0) + v.detach().float()
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names]).to(accelerator.device), "sum")
+    return True, dict(zip(names, totals.tolist()))
 
 
 # -------------------------------------------------------------------------------------- training --
@@ -200,190 +319,80 @@ def train(cfg: RLConfig) -> dict:
     from posttrain.engine import SamplingParams, make_engine
     from posttrain.engine.models import load_tokenizer
 
-    output = Path(cfg.output)
-    done = prepare_output(output, cfg.resume, cfg.overwrite)
-    if done is not None:
-        return done
-    accelerator = make_accelerator()
-    device, is_main, rank, world = accelerator.device, accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    seed_everything(cfg.seed + rank)
-    spec = cfg.spec
+    run = TrainingRun(cfg, "rl")
+    if run.done is not None:
+        return run.done
+    seed_everything(cfg.seed + run.rank)
 
-    # -- data, rewards, models
-    task: Task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
-    train_examples = task.examples("train", cfg.train_limit)
+    # -- data, rewards, models, optimizer, the run's one engine
+    task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
+    examples = task.examples("train", cfg.train_limit)
     eval_examples = task.examples("test")[: cfg.eval_samples] if cfg.eval_steps and cfg.eval_samples else []
-    rewards_fns = [parse_reward(r) for r in cfg.reward]
+    reward_fns = [parse_reward(r) for r in cfg.reward]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    # Rendered once: reward functions get the prompt text, the engine its token ids.
-    prompt_texts_all = [task.prompt_text(ex, tokenizer) for ex in train_examples]
-    prompt_ids_all = [task.encode_text(text, tokenizer) for text in prompt_texts_all]
-    chat = task.template.style == "chat"
-    model = load_policy(cfg, device)
-    is_peft = cfg.method in ("lora", "qlora")
+    texts = [task.prompt_text(ex, tokenizer) for ex in examples]
+    prompts = Prompts(examples, texts, [task.encode_text(t, tokenizer) for t in texts])
+    model = load_policy(cfg, run.device)
     ref_model = None
-    if cfg.beta > 0 and (cfg.ref_model or not is_peft):
-        ref_model = _load_reference(cfg, tokenizer, device)
+    if cfg.beta > 0 and (cfg.ref_model or cfg.method == "full"):
+        ref_model = _load_reference(cfg, tokenizer, run.device)
     trainable, total = count_parameters(model)
-    if is_main:
-        print(f"rl: {cfg.algo} on {cfg.model} ({cfg.method}, {trainable:,}/{total:,} trainable); "
-              f"rewards {', '.join(f'{r.name}×{r.weight:g}' for r in rewards_fns)}; {len(train_examples)} prompts")
-
-    rows_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps  # completions per rank per step
-    prompts_per_step = rows_per_step // cfg.num_generations
-    total_steps = cfg.max_steps
+    run.log(f"rl: {cfg.algo} on {cfg.model} ({cfg.method}, {trainable:,}/{total:,} trainable); "
+            f"rewards {', '.join(f'{r.name}×{r.weight:g}' for r in reward_fns)}; {len(examples)} prompts")
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    Checkpoints.only_trainable(accelerator, model)
-    ckpts = Checkpoints(output, cfg.save_total_limit)
-    step = 0
-    latest = ckpts.latest() if cfg.resume else None
-    if latest is not None:
-        step = ckpts.load(accelerator, latest)["step"]
-        if is_main:
-            print(f"resumed from {latest} (step {step})")
-    logger = MetricsLogger(output, is_main, cfg.report_to, config_dict(cfg), resume=latest is not None)
-    if is_main:
-        write_json(output / "rl_config.json", {**config_dict(cfg), "resolved": spec})
-    policy = accelerator.unwrap_model(model)
+    warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, cfg.max_steps)
+    model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps, {"resolved": cfg.spec})
+    policy = run.accelerator.unwrap_model(model)
     engine = make_engine(cfg.engine, policy, tokenizer, cfg.rollout_batch_size)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
-    pad_id = tokenizer.pad_token_id
 
-    bad_in_a_row, zero_adv_batches, last = 0, 0, {}
-    bar = tqdm(total=total_steps, initial=step, desc=f"rl[{cfg.algo}]", disable=not is_main, unit="step")
-    with GracefulStop() as stop:
-        rollout_index = step // cfg.num_iterations
-        while step < total_steps:
-            # ---- 1. sample: this rank's prompts, G completions each, from the current policy
+    rollout_index = run.step // cfg.num_iterations
+    while run.step < cfg.max_steps:
+        policy.eval()
+        rollout = collect_rollouts(engine, prompts, rollout_index, cfg, params, run.rank, run.world)  # 1. sample
+        policy.train()
+        score(rollout, prompts, reward_fns, task.template.style == "chat", run.device)               # 2. reward
+        rollout.advantages, rollout.frac_groups_all_equal = compute_advantages(rollout.rewards, cfg)  # 3. advantage
+        batch = training_batch(rollout, prompts, cfg, tokenizer.pad_token_id, run.device)
+        fill_logprobs(batch, model, ref_model, cfg, run.accelerator)
+        for _ in range(min(cfg.num_iterations, cfg.max_steps - run.step)):                       # 4. update
             t0 = time.perf_counter()
-            idx = prompts_for_step(len(train_examples), rollout_index, prompts_per_step, cfg.seed, rank, world)
-            params.seed = cfg.seed + 1_000_003 * rollout_index + rank
-            policy.eval()  # the fast engine refreshes its merged inference weights from the policy at each call
-            completions = engine.generate([prompt_ids_all[i] for i in idx], params)
-            policy.train()
-            rollout_time = time.perf_counter() - t0
-            exs = [train_examples[i] for i in idx for _ in range(cfg.num_generations)]
-            prompt_ids = [prompt_ids_all[i] for i in idx for _ in range(cfg.num_generations)]
+            finite, stats = update(model, batch, cfg, run.accelerator)
+            if run.skip_step(finite, optimizer):
+                continue
+            grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            engine.sync_weights(policy)  # the policy changed: the next rollout samples from it
+            metrics = step_metrics(rollout, batch, stats, task, prompts, run.world, time.perf_counter() - t0)
+            metrics.update(lr=scheduler.get_last_lr()[0], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
+            if eval_examples and (run.step % cfg.eval_steps == 0 or run.step == cfg.max_steps):
+                metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator))
+            run.end_step(metrics, {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"})
+        rollout_index += 1
+    return run.finish(model, tokenizer, {"algo": cfg.algo})
 
-            # ---- 2. reward: every reward function on every completion
-            texts = [c.text for c in completions]
-            comp_arg = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-            total_r, per_fn = compute_rewards(
-                rewards_fns, prompts=[prompt_texts_all[i] for i in idx for _ in range(cfg.num_generations)], completions=comp_arg,
-                answer=[e.response or f"#### {e.numeric_answer}" for e in exs],
-                numeric_answer=[e.numeric_answer for e in exs], completion_lengths=[len(c.token_ids) for c in completions],
-                completion_ids=[c.token_ids for c in completions])
-            rewards = torch.tensor(total_r, dtype=torch.float32, device=device)
 
-            # ---- 3. advantage: within groups (never across ranks: whole groups live here)
-            advantages = compute_advantages(rewards, cfg)
-            size = cfg.num_generations if cfg.num_generations > 1 else min(cfg.per_device_batch_size, len(rewards))
-            groups = rewards[: len(rewards) - len(rewards) % size].view(-1, size)
-            all_equal = (groups.max(1).values - groups.min(1).values == 0).float().mean()
-            if torch.all(advantages == 0):
-                zero_adv_batches += 1
-            used = list(range(len(completions)))
-            if cfg.drop_zero_advantage and cfg.beta == 0:
-                # At least one row stays, so every rank runs a backward (DDP all-reduces in it).
-                used = (advantages != 0).nonzero()[:, 0].tolist() or [0]
-            ids, attn, cmask = build_rollout([prompt_ids[i] for i in used], [completions[i] for i in used], pad_id,
-                                             cfg.mask_truncated_completions, device)
-            ro = Rollout(ids, attn, cmask, advantages[used], rewards[used])
-            mb = cfg.per_device_batch_size
-            with torch.no_grad():
-                if cfg.num_iterations > 1:
-                    ro.old_logp = torch.cat([sequence_logprobs(model, ids[i:i + mb], attn[i:i + mb])[0] for i in range(0, len(ids), mb)])
-                if cfg.beta > 0:
-                    ro.ref_logp = torch.cat([_reference_logprobs(model, ref_model, ids[i:i + mb], attn[i:i + mb], accelerator)
-                                             for i in range(0, len(ids), mb)])
-
-            # ---- 4. update: num_iterations optimizer steps on this rollout
-            for _ in range(cfg.num_iterations):
-                if step >= total_steps:
-                    break
-                t1 = time.perf_counter()
-                sums: dict[str, float] = {}
-                n_mb = math.ceil(len(ids) / mb)
-                finite = True
-                for k, i in enumerate(range(0, len(ids), mb)):
-                    sl = slice(i, i + mb)
-                    sync = accelerator.no_sync(model) if k < n_mb - 1 else contextlib.nullcontext()
-                    with sync, accelerator.autocast():
-                        logp, entropy = sequence_logprobs(model, ids[sl], attn[sl])
-                        old = ro.old_logp[sl] if ro.old_logp is not None else logp.detach()
-                        loss, m = policy_loss(
-                            logp, old, ro.advantages[sl], cmask[sl], ref_logp=ro.ref_logp[sl] if ro.ref_logp is not None else None,
-                            beta=cfg.beta, kl_estimator=spec["kl_estimator"], eps_low=cfg.epsilon_low,
-                            eps_high=cfg.epsilon_high, aggregation=spec["aggregation"], max_len=cfg.max_new_tokens)
-                        loss = loss / n_mb
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    accelerator.backward(loss)
-                    m["entropy"] = (entropy.detach() * cmask[sl]).sum() / cmask[sl].sum().clamp(min=1)
-                    for key, v in m.items():
-                        sums[key] = sums.get(key, 0.0) + float(v) / n_mb
-                finite_all = accelerator.reduce(torch.tensor(float(finite), device=device), "min").item() > 0
-                if not finite_all:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_in_a_row += 1
-                    print(f"warning: non-finite loss at step {step + 1}; step skipped ({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise PosttrainError(f"{bad_in_a_row} steps in a row had NaN/inf loss; stopped. "
-                                             f"Last good checkpoint: {ckpts.latest() or 'none'}. Lower --learning-rate")
-                    continue
-                bad_in_a_row = 0
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                train_time = time.perf_counter() - t1
-
-                # ---- 5. metrics, evaluation, checkpoints
-                lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-                gen_tokens = float(lengths.sum())
-                metrics = {
-                    **sums,
-                    "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                    **{f"reward/{name}": sum(v) / len(v) for name, v in per_fn.items()},
-                    "accuracy": sum(task.grade(t, e).correct for t, e in zip(texts, exs)) / len(texts),
-                    "frac_groups_all_equal": all_equal.item(), "zero_advantage_batches": zero_adv_batches,
-                    "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
-                    "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                    "trained_completions": len(used),
-                    "rollout_tokens_per_s": gen_tokens * world / max(rollout_time, 1e-9),
-                    "train_tokens_per_s": int(attn.sum().item()) * world / max(train_time, 1e-9),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                if eval_examples and (step % cfg.eval_steps == 0 or step == total_steps):
-                    acc = accuracy_eval(model, tokenizer, task, eval_examples, cfg.max_new_tokens, accelerator)
-                    metrics.update(acc)
-                if step % cfg.logging_steps == 0 or step == total_steps or "eval_accuracy" in metrics:
-                    logger.log(step, metrics)
-                last = metrics
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-                if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
-                    ckpts.save(accelerator, step, {"step": step, "total_steps": total_steps})
-                if stop.requested:
-                    bar.close()
-                    logger.close()
-                    raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {output}")
-            rollout_index += 1
-    bar.close()
-    logger.close()
-    save_final_model(model, tokenizer, output, accelerator, extra={"stage": "rl", "algo": cfg.algo, "base_model": cfg.model})
-    final = {"finished": True, "step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
-    if is_main:
-        write_json(output / "run_state.json", final)
-    if cfg.push_to_hub and is_main:
-        push_folder(output, cfg.push_to_hub)
-    return final
+def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, train_s: float) -> dict:
+    """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths, speed."""
+    comps, rewards = rollout.completions, rollout.rewards
+    lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
+    exs = [prompts.examples[i] for i in rollout.prompt_idx]
+    return {
+        **stats,
+        "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        **{f"reward/{name}": sum(v) / len(v) for name, v in rollout.reward_parts.items()},
+        "accuracy": sum(task.grade(c.text, e).correct for c, e in zip(comps, exs)) / len(comps),
+        "frac_groups_all_equal": rollout.frac_groups_all_equal,
+        "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+        "truncation_rate": sum(c.finish_reason == "length" for c in comps) / len(comps),
+        "trained_completions": len(batch.input_ids),
+        "rollout_tokens_per_s": float(lengths.sum()) * world / max(rollout.seconds, 1e-9),
+        "train_tokens_per_s": int(batch.attention_mask.sum().item()) * world / max(train_s, 1e-9),
+    }
 
 
 def _load_reference(cfg: RLConfig, tokenizer, device):

@@ -10,24 +10,28 @@ normalises the loss by the step's total response tokens.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.trainers.common import (Checkpoints, TrainerOptions, GracefulStop, MetricsLogger, accuracy_eval, build_optimizer,
-                                       build_scheduler, config_dict, count_parameters, load_policy, make_accelerator,
-                                       prepare_output, push_folder, save_final_model, warmup_steps_for)
-from posttrain.utils import seed_everything, write_json
+from posttrain.trainers.common import (
+    TrainerOptions,
+    TrainingRun,
+    accuracy_eval,
+    build_optimizer,
+    build_scheduler,
+    count_parameters,
+    epoch_indices,
+    load_policy,
+    warmup_steps_for,
+)
+from posttrain.utils import seed_everything
 
 TRUNCATION = ("prompt_left", "drop", "left")
 
@@ -52,7 +56,8 @@ class SFTConfig(TrainerOptions):
     max_len: int = 400
     """Longest sequence (prompt + response + EOS) in tokens (the seed's 400)."""
     truncation: str = "prompt_left"
-    """Too-long examples: prompt_left (cut the prompt's start, keep the whole answer; drop if the answer alone is too long), drop, or left (the seed: cut the sequence's start)."""
+    """Too-long examples: prompt_left (cut the prompt's start, keep the whole answer; drop if the answer
+    alone is too long), drop, or left (the seed: cut the sequence's start)."""
     packing: bool = True
     """Pack sequences padding-free into one row per forward; off = padded micro-batches grouped by length."""
     max_tokens_per_forward: int = 8192
@@ -177,22 +182,9 @@ def forward_chunks(batch: list[Tokenized], cfg: SFTConfig, pad_id: int, device) 
     return chunks
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def step_batch(data: list[Tokenized], step: int, per_step: int, seed: int, rank: int, world: int) -> list[Tokenized]:
-    """The sequences this rank trains on at optimizer step ``step`` (0-based): deterministic, so a
-    resumed run sees exactly the data an uninterrupted one would."""
-    global_per_step = per_step * world
-    steps_per_epoch = max(1, len(data) // global_per_step)
-    epoch, i = divmod(step, steps_per_epoch)
-    order = epoch_order(len(data), seed, epoch)
-    if len(order) < global_per_step:  # tiny datasets: cycle
-        order = (order * math.ceil(global_per_step / len(order)))
-    chunk = order[i * global_per_step:(i + 1) * global_per_step]
-    return [data[j] for j in chunk[rank::world]]
+    """The sequences this rank trains on at optimizer step ``step`` (0-based; see ``epoch_indices``)."""
+    return [data[j] for j in epoch_indices(len(data), step, per_step, seed * 1000003, rank, world)]
 
 
 # -------------------------------------------------------------------------------------- training --
@@ -213,112 +205,74 @@ def held_out_loss(model, data: list[Tokenized], cfg: SFTConfig, pad_id: int, dev
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT; returns the final metrics. Writes everything under ``cfg.output``."""
+    from posttrain.engine import make_engine
     from posttrain.engine.models import load_tokenizer
 
-    output = Path(cfg.output)
-    done = prepare_output(output, cfg.resume, cfg.overwrite)
-    if done is not None:
-        return done
-    accelerator = make_accelerator()
-    device, is_main = accelerator.device, accelerator.is_main_process
-    ckpts = Checkpoints(output, cfg.save_total_limit)
+    run = TrainingRun(cfg, "sft")
+    if run.done is not None:
+        return run.done
     seed_everything(cfg.seed)
+    acc, device = run.accelerator, run.device
 
+    # -- data, model, optimizer
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, padding_side="left")
     train_data, stats = tokenize_examples(task, task.examples("train", cfg.train_limit), tokenizer, cfg.max_len, cfg.truncation)
     eval_examples = task.examples("test")
     eval_data, _ = tokenize_examples(task, eval_examples[: cfg.eval_examples], tokenizer, cfg.max_len, cfg.truncation) \
         if cfg.eval_steps and cfg.eval_examples else ([], {})
-    if is_main:
-        print(f"data: {stats['examples']} training sequences; truncation={cfg.truncation}: "
-              f"{stats['truncated']} truncated, {stats['dropped']} dropped, {stats['no_solution']} without a solution")
-
+    run.log(f"data: {stats['examples']} training sequences; truncation={cfg.truncation}: "
+            f"{stats['truncated']} truncated, {stats['dropped']} dropped, {stats['no_solution']} without a solution")
     model = load_policy(cfg, device)
     trainable, total = count_parameters(model)
-    if is_main:
-        print(f"model: {cfg.model} ({cfg.method}); trainable params {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-
+    run.log(f"model: {cfg.model} ({cfg.method}); trainable params {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(train_data) // (per_step * accelerator.num_processes))
+    steps_per_epoch = max(1, len(train_data) // (per_step * run.world))
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    Checkpoints.only_trainable(accelerator, model)
+    warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, total_steps)
+    model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, total_steps, {"data_stats": stats, "total_steps": total_steps})
+    engine = None  # built at the first accuracy evaluation, then kept for the run
 
-    step = 0
-    latest = ckpts.latest() if cfg.resume else None
-    if latest is not None:
-        step = ckpts.load(accelerator, latest)["step"]
-        if is_main:
-            print(f"resumed from {latest} (step {step})")
-    logger = MetricsLogger(output, is_main, cfg.report_to, config_dict(cfg), resume=latest is not None)
-    if is_main:
-        write_json(output / "sft_config.json", {**config_dict(cfg), "data_stats": stats, "total_steps": total_steps})
-
-    pad_id = tokenizer.pad_token_id
-    last: dict = {}
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not is_main, unit="step")
-    with GracefulStop() as stop:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = step_batch(train_data, step, per_step, cfg.seed, accelerator.process_index, accelerator.num_processes)
-            chunks = forward_chunks(batch, cfg, pad_id, device)
-            n_tokens = torch.tensor(sum(sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in batch), device=device)
-            global_tokens = accelerator.reduce(n_tokens.clone(), "sum").clamp(min=1)
-            loss_sum = torch.zeros((), device=device)
-            for k, chunk in enumerate(chunks):
-                labels = chunk.pop("labels")
-                # Gradients are all-reduced only after the last chunk of the step.
-                sync = accelerator.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()
-                with sync, accelerator.autocast():
-                    nll, _ = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
-                    # DDP averages gradients over ranks; scale so the step's loss is sum/global_tokens.
-                    loss = nll * accelerator.num_processes / global_tokens
-                accelerator.backward(loss)
-                loss_sum += nll.detach()
-            step_loss = (accelerator.reduce(loss_sum, "sum") / global_tokens).item()
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                kept = ckpts.latest()
-                raise PosttrainError(f"loss became {step_loss} at step {step + 1}; stopped without saving. "
-                                     f"Last good checkpoint: {kept or 'none'}. Lower --learning-rate or check the data")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            seq_tokens = sum(len(ex.input_ids) for ex in batch) * accelerator.num_processes
-            metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch,
-                       "tokens_per_s": seq_tokens / dt, "response_tokens": int(global_tokens.item()),
-                       "step_time_s": dt}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == total_steps):
-                if eval_data:
-                    metrics["eval_loss"] = held_out_loss(model, eval_data, cfg, pad_id, device, accelerator)
-                if cfg.eval_accuracy_samples:
-                    metrics.update(accuracy_eval(model, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples],
-                                                 cfg.eval_max_new_tokens, accelerator))
-            if step % cfg.logging_steps == 0 or "eval_loss" in metrics or step == total_steps:
-                logger.log(step, metrics)
-            last = metrics
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics['lr']:.2e}")
-            if (cfg.save_steps and step % cfg.save_steps == 0) or stop.requested:
-                ckpts.save(accelerator, step, {"step": step, "total_steps": total_steps})
-            if stop.requested:
-                bar.close()
-                logger.close()
-                raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {output}")
-    bar.close()
-    logger.close()
-    save_final_model(model, tokenizer, output, accelerator, extra={"stage": "sft", "method": cfg.method, "base_model": cfg.model})
-    final = {"finished": True, "step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
-    if is_main:
-        write_json(output / "run_state.json", final)
-    if cfg.push_to_hub and is_main:
-        push_folder(output, cfg.push_to_hub)
-    return final
+    while run.step < total_steps:
+        t0 = time.perf_counter()
+        batch = step_batch(train_data, run.step, per_step, cfg.seed, run.rank, run.world)
+        # The step's loss is the sum of its response tokens' NLL over the token count of the whole step
+        # (all chunks, all ranks): the gradient does not depend on how the step is split.
+        n_tokens = torch.tensor(sum(sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in batch), device=device)
+        global_tokens = acc.reduce(n_tokens.clone(), "sum").clamp(min=1)
+        chunks = forward_chunks(batch, cfg, tokenizer.pad_token_id, device)
+        loss_sum = torch.zeros((), device=device)
+        for k, chunk in enumerate(chunks):
+            labels = chunk.pop("labels")
+            sync = acc.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # all-reduce after the last
+            with sync, acc.autocast():
+                nll, _ = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
+            acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
+            loss_sum += nll.detach()
+        step_loss = (acc.reduce(loss_sum, "sum") / global_tokens).item()
+        if run.skip_step(math.isfinite(step_loss), optimizer):
+            continue
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        dt = time.perf_counter() - t0
+        metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": run.step / steps_per_epoch,
+                   "tokens_per_s": sum(len(ex.input_ids) for ex in batch) * run.world / dt,
+                   "response_tokens": int(global_tokens.item()), "step_time_s": dt}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if cfg.eval_steps and (run.step % cfg.eval_steps == 0 or run.step == total_steps):
+            if eval_data:
+                metrics["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
+            if cfg.eval_accuracy_samples:
+                policy = acc.unwrap_model(model)
+                engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=64)
+                engine.sync_weights(policy)
+                metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples],
+                                             cfg.eval_max_new_tokens, acc))
+        run.end_step(metrics, {"loss": f"{step_loss:.4f}", "lr": f"{metrics['lr']:.2e}"})
+    return run.finish(model, tokenizer, {"method": cfg.method})
