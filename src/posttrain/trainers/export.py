@@ -11,9 +11,14 @@ from posttrain.utils import atomic_dir
 
 
 def adapter_base(adapter: Path) -> str:
+    """The base model an adapter was trained on: as the user named it to posttrain (a model name or a
+    .gguf file stays one), else as PEFT recorded it."""
     cfg = adapter / "adapter_config.json"
     if not cfg.is_file():
         raise PosttrainError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    ours = adapter / "posttrain.json"
+    if ours.is_file() and json.loads(ours.read_text()).get("base_model"):
+        return json.loads(ours.read_text())["base_model"]
     base = json.loads(cfg.read_text()).get("base_model_name_or_path")
     if not base:
         raise PosttrainError(f"{cfg} does not name its base model; pass --base")

