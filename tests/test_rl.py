@@ -37,6 +37,9 @@ def short(prompts, completions, answer, **kw):
 def const(prompts, completions, answer, **kw):
     return [1.0] * len(completions)
 
+def nan_reward(prompts, completions, answer, **kw):
+    return [float("nan")] * len(completions)
+
 def half_const(prompts, completions, answer, completion_ids, **kw):
     # prompts of even length: one reward for the whole group (no signal); others: varies by sample
     return [1.0 if len(p) % 2 == 0 else float(ids[0] % 2) for p, ids in zip(prompts, completion_ids)]
@@ -356,3 +359,8 @@ def test_one_engine_serves_rollouts_and_evaluations(tiny_model_dir, tmp_path, to
     train(_cfg(tiny_model_dir, tmp_path / "e", toy_file, max_steps=3, eval_steps=1, eval_samples=4))
     assert len(built) == 1 and built[0].name == "hf"  # 3 rollouts and 3 evaluations, one engine, as asked
     assert len(synced) == 3  # told after every optimizer step that the policy changed
+
+
+def test_nan_rewards_are_named_not_blamed_on_the_learning_rate(tiny_model_dir, tmp_path, toy_file):
+    with pytest.raises(PosttrainError, match="'toy.nan_reward' returned nan for completion 0; rewards must be finite"):
+        train(_cfg(tiny_model_dir, tmp_path / "nan", toy_file, reward=[f"{toy_file}:nan_reward"], max_steps=1))

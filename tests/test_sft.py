@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -279,3 +280,62 @@ def test_one_engine_serves_every_evaluation_of_a_run(tiny_model_dir, tmp_path, m
     assert built == ["hf"]  # four evaluations, one engine, the engine asked for
     rows = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval_accuracy" in r for r in rows) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "flip", "missing"])
+def test_resume_skips_a_damaged_latest_checkpoint(tiny_model_dir, tmp_path, damage, capsys):
+    """The newest checkpoint damaged four ways: resume says so in one line and continues from the
+    newest intact one, landing where an uninterrupted run lands."""
+    import shutil
+
+    kw = dict(lora_dropout=0.0, save_steps=1, save_total_limit=3, max_steps=4)
+    train(_cfg(tiny_model_dir, tmp_path / "clean", **kw))
+    out = tmp_path / damage
+    train(_cfg(tiny_model_dir, out, **kw))
+    (out / "run_state.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-4")  # killed before step 4 was saved ...
+    weights = next((out / "checkpoints" / "step-3").glob("model*.safetensors"))  # ... and step 3 damaged afterwards
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "zero":
+        weights.write_bytes(b"")
+    elif damage == "flip":
+        weights.write_bytes(data[:-9] + bytes([data[-9] ^ 0x01]) + data[-8:])  # one bit of the last weights
+    else:
+        weights.unlink()
+    capsys.readouterr()
+    train(_cfg(tiny_model_dir, out, resume=True, **kw))
+    said = capsys.readouterr().out
+    assert "checkpoint" in said and "step-3 is damaged" in said and "resumed from" in said and "step-2" in said
+    for k, v in _adapter(tmp_path / "clean").items():
+        torch.testing.assert_close(_adapter(out)[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_with_every_checkpoint_damaged_stops_in_one_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "all"
+    train(_cfg(tiny_model_dir, out, max_steps=2, save_steps=1, save_total_limit=3))
+    (out / "run_state.json").unlink()
+    for ck in (out / "checkpoints").iterdir():
+        next(ck.glob("model*.safetensors")).write_bytes(b"")
+    with pytest.raises(PosttrainError, match="every checkpoint in .* is damaged"):
+        train(_cfg(tiny_model_dir, out, max_steps=4, save_steps=1, resume=True))
+
+
+def test_resume_clears_a_save_that_a_kill_interrupted(tiny_model_dir, tmp_path):
+    out = tmp_path / "t"
+    train(_cfg(tiny_model_dir, out, max_steps=2))
+    (out / "checkpoints" / ".step-3.tmp").mkdir()  # what a kill during the step-3 save leaves
+    (out / "checkpoints" / ".step-3.tmp" / "model.safetensors").write_bytes(b"half")
+    train(_cfg(tiny_model_dir, out, max_steps=3, resume=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_outputs_honour_the_umask(tiny_model_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        train(_cfg(tiny_model_dir, tmp_path / "u", max_steps=2))
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "run_state.json", "sft_config.json", "checkpoints/step-2/manifest.json"):
+        assert ((tmp_path / "u" / name).stat().st_mode & 0o777) == 0o640, name

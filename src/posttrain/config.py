@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -82,8 +83,12 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PosttrainError(f"config file not found: {path}")
+    from posttrain.utils import open_text
+
+    with open_text(path) as f:
+        text = f.read()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -108,8 +113,10 @@ def build_config(cls, values: dict, source: str = "config"):
         try:
             if value is not None and tp in (int, float) and not is_list and not isinstance(value, bool):
                 value = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PosttrainError(f"{source}: option {key} expects {tp.__name__}, got {value!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PosttrainError(f"{source}: option {key} must be a finite number, got {value!r}")
         clean[key] = value
     return cls(**clean)
 

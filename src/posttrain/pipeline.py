@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from posttrain.config import build_config, load_yaml
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import EvalConfig, run_eval
-from posttrain.utils import atomic_write, write_json
+from posttrain.utils import atomic_dir, atomic_write, check_writable, write_json
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nano.yaml"
 
@@ -79,23 +80,28 @@ def _finished(folder: Path) -> bool:
 
 
 def _standalone(train_dir: Path, model_dir: Path, method: str) -> None:
-    """A plain model folder for the next stage: merge a LoRA adapter, or link the full model."""
-    if model_dir.exists():
+    """A plain model folder for the next stage: merge a LoRA adapter, or copy the full model. Written
+    atomically; a folder a killed run left without its weights is ours (inside the pipeline's output)
+    and is made again."""
+    if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
         return
+    if model_dir.exists():
+        print(f"{model_dir} is incomplete (an earlier run was stopped while writing it); making it again")
+        shutil.rmtree(model_dir)
     if method in ("lora", "qlora"):
         from posttrain.trainers.export import merge_adapter
 
         merge_adapter(str(train_dir), str(model_dir))
-    else:
-        model_dir.mkdir(parents=True)
+        return
+    with atomic_dir(model_dir) as tmp:
         for f in train_dir.iterdir():
             if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt") and f.name not in (
                     "run_state.json", "sft_config.json", "rl_config.json"):
-                (model_dir / f.name).write_bytes(f.read_bytes())
+                shutil.copy2(f, tmp / f.name)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    out = Path(cfg.output)
+    out = check_writable(cfg.output)
     sft_cfg, rl_cfg, evals = stage_configs(cfg)
     if not Path(cfg.model).exists() and cfg.model.startswith(("models/", "./", "/", "runs/")):
         raise PosttrainError(f"base model folder {cfg.model} not found; run posttrain pretrain or point --model at one")

@@ -14,6 +14,23 @@ from typing import Any, Iterator
 from posttrain.errors import PosttrainError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes a plain ``open``/``mkdir`` would:
+    temp files and folders are created 0600/0700, whatever the user's umask."""
+    mask = _umask()
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temp file beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -30,6 +47,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield f
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -49,13 +67,28 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
             f.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike, **kwargs):
+    """Open a UTF-8 text file for reading; a file that is not UTF-8 text (binary, another encoding)
+    raises a one-line PosttrainError naming it, wherever in the file the bad byte is."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", **kwargs) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise PosttrainError(f"{path} is not UTF-8 text (byte {e.start} of a read block is {e.object[e.start:e.start + 1]!r}); "
+                             "give a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise PosttrainError(f"{path} is a folder; give a file") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file; a malformed line raises a PosttrainError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise PosttrainError(f"file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -70,20 +103,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temp name and move it into place when the block succeeds.
+def atomic_dir(path: str | os.PathLike, replace_if: str | None = None) -> Iterator[Path]:
+    """Build a directory under a temp name and move it into place when the block succeeds: a kill
+    leaves either nothing or the whole folder (and a hidden temp folder).
 
-    An existing directory at ``path`` is replaced only after the new one is complete.
+    An existing, non-empty ``path`` is replaced only if it holds the file ``replace_if`` (the marker
+    of a folder posttrain wrote); anything else there is refused before any work, never deleted.
     """
     path = Path(path)
+    check_replaceable(path, replace_if)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        honour_umask(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            check_replaceable(path, replace_if)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -91,6 +128,38 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(path: Path, replace_if: str | None = None) -> None:
+    """Refuse (one line) to write a folder at ``path`` over something posttrain may not replace."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise PosttrainError(f"{path} is a file; give a folder path that does not exist yet")
+    if any(path.iterdir()) and not (replace_if and (path / replace_if).is_file()):
+        raise PosttrainError(f"{path} already exists and is not empty; posttrain will not replace it. "
+                             f"Choose a new folder (or delete it yourself)")
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--output", kind: str = "folder") -> Path:
+    """Check, before any work and without leaving anything behind, that a ``kind`` ("folder" or
+    "file") can be written at ``path``; one-line error otherwise."""
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PosttrainError(f"{flag} {path} is a file; give a folder")
+    if kind == "file" and path.is_dir():
+        raise PosttrainError(f"{flag} {path} is a folder; give a file path")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PosttrainError(f"{flag} {path}: {existing} is a file, so nothing can be written below it")
+    try:
+        Path(tempfile.mkdtemp(prefix=".posttrain-probe-", dir=existing)).rmdir()
+    except OSError as e:
+        raise PosttrainError(f"{flag} {path}: cannot write in {existing} ({e.strerror or type(e).__name__}); "
+                             "choose a writable place") from None
+    return path
 
 
 def seed_everything(seed: int) -> None:

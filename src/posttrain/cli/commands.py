@@ -10,6 +10,7 @@ from pathlib import Path
 from posttrain.cli.main import command
 from posttrain.config import add_dataclass_args, config_from_args
 from posttrain.errors import PosttrainError
+from posttrain.utils import check_writable
 
 
 def _model_flags(p, default_model: str = "models/nano-gsm"):
@@ -25,8 +26,8 @@ def cmd_eval(args):
     from posttrain.evaluation import EvalConfig, format_summary, run_eval
 
     cfg = config_from_args(EvalConfig, args, args.config)
-    if cfg.output and Path(cfg.output).is_file():
-        raise PosttrainError(f"--output {cfg.output} is a file; give a folder")
+    if cfg.output:
+        check_writable(cfg.output)
     result = run_eval(cfg)
     print(f"\n=== {cfg.model} on {cfg.task} ({cfg.split}, {result.summary['prompt']}) ===")
     print(format_summary(result.summary))
@@ -178,7 +179,13 @@ def cmd_grade(args):
     from posttrain.tasks import grade
     from posttrain.utils import read_jsonl, write_jsonl
 
+    if args.output:
+        check_writable(args.output, kind="file")
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise PosttrainError("--output is the input file; give another path so the input is kept")
     rows = read_jsonl(args.input)
+    if not rows:
+        raise PosttrainError(f"{args.input} holds no rows; each line needs 'completion' and 'answer'")
     out = []
     for i, row in enumerate(rows):
         for key in ("completion", "answer"):

@@ -105,6 +105,16 @@ class Engine:
     name = "engine"
     model = None
 
+    def check_lengths(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """One-line error when a prompt plus the completion budget does not fit the model's positions."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        longest = max((len(p) for p in prompts), default=0)
+        if limit and longest + params.max_new_tokens > limit:
+            raise PosttrainError(f"a prompt of {longest} tokens plus --max-new-tokens {params.max_new_tokens} exceeds the "
+                                 f"model's {limit} positions; shorten the prompts or lower --max-new-tokens")
+        if not all(prompts):
+            raise PosttrainError("an empty prompt (no tokens) was given; every prompt needs at least one token")
+
     def sync_weights(self, policy) -> None:
         """Make the next ``generate`` sample from ``policy``'s current weights. ``policy`` must be the
         model the engine was built on (an engine's caches and compiled code are shaped for it)."""

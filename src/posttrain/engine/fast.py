@@ -414,6 +414,7 @@ class FastEngine(Engine):
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
         from tqdm.auto import tqdm
 
+        self.check_lengths(prompts, params)
         g = params.n
         per_wave = max(1, self.batch_size // g)  # prompts per wave; whole groups stay together
         out: list[Completion] = []

@@ -33,6 +33,7 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
+        self.check_lengths(prompts, params)
         tok, model = self.tokenizer, self.model
         eos_ids = eos_token_ids(model, tok)
         device = next(model.parameters()).device

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from posttrain.errors import PosttrainError
 
@@ -20,9 +21,18 @@ def resolve_device(device: str | None = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise PosttrainError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PosttrainError(f"--device {device}: no CUDA GPU is usable here (or PyTorch was built without CUDA); "
+                                 "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PosttrainError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise PosttrainError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -59,6 +69,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
         tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
+    except (UnicodeDecodeError, KeyError, RuntimeError, EOFError) as e:
+        raise PosttrainError(f"could not read the tokenizer of {name}: {type(e).__name__}; the files are damaged") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise PosttrainError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
@@ -93,6 +105,9 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
+    except (SafetensorError, RuntimeError, EOFError, KeyError) as e:  # damaged weight files
+        raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                             "the files are damaged or incomplete: copy or fetch the model again") from None
     if quantization_config is None:
         model.to(dev)
     model.eval()

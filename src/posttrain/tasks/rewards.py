@@ -11,6 +11,7 @@ Every reward function has seed 003's signature ``(prompts, completions, answer, 
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,10 @@ def compute_rewards(rewards: list[WeightedReward], prompts: list, completions: l
             raise PosttrainError(f"reward function {r.name!r} must return a list of numbers") from None
         if len(values) != n:
             raise PosttrainError(f"reward function {r.name!r} returned {len(values)} rewards for {n} completions")
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise PosttrainError(f"reward function {r.name!r} returned {values[bad]} for completion {bad}; rewards must be "
+                                 "finite numbers: fix the function")
         per_fn[r.name] = values
         total = [t + r.weight * v for t, v in zip(total, values)]
     return total, per_fn

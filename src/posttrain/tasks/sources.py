@@ -15,7 +15,7 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.tasks.grading import format_number, parse_gold
-from posttrain.utils import read_jsonl
+from posttrain.utils import open_text, read_jsonl
 
 _CALC_RE = re.compile(r"<<[^<>]*>>")
 _FINAL_LINE_RE = re.compile(r"\n?\s*####\s*(.*)$", re.DOTALL)
@@ -195,12 +195,18 @@ class TableFile(Source):
         if suffix in (".jsonl", ".json"):
             return read_jsonl(path), str(path)
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f)), str(path)
+            with open_text(path, newline="") as f:
+                try:
+                    return list(csv.DictReader(f)), str(path)
+                except csv.Error as e:
+                    raise PosttrainError(f"{path}: not a readable CSV file ({e})") from None
         if suffix == ".parquet":
             try:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise PosttrainError("reading Parquet needs pyarrow: pip install pyarrow") from None
-            return pq.read_table(path).to_pylist(), str(path)
+            try:
+                return pq.read_table(path).to_pylist(), str(path)
+            except Exception as e:  # pyarrow's ArrowInvalid/ArrowIOError: not a Parquet file or damaged
+                raise PosttrainError(f"{path}: not a readable Parquet file ({type(e).__name__}); check the file") from None
         raise PosttrainError(f"unsupported data file type {suffix!r} for {path}; use .jsonl, .csv or .parquet")

@@ -42,6 +42,8 @@ class Task:
         rows = self.source.load(split)
         if not rows:
             raise PosttrainError(f"task {self.name!r} has no {split} examples")
+        if limit is not None and limit < 1:
+            raise PosttrainError(f"a limit on examples must be >= 1, got {limit}")
         return rows[:limit] if limit else rows
 
     # -- prompts -----------------------------------------------------------------------------------

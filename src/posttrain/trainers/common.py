@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.utils import atomic_dir, write_json
+from posttrain.utils import atomic_dir, check_writable, honour_umask, write_json
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora", "full")
@@ -161,19 +162,62 @@ def read_metrics(path: Path) -> list[dict]:
 class Checkpoints:
     """``OUTPUT/checkpoints/step-N`` folders written atomically (temp folder, then rename).
 
-    Each holds the accelerate state (model, optimizer, scheduler, RNG) and ``trainer_state.json``.
-    A kill during a save leaves only a hidden temp folder, never a broken ``step-N``.
+    Each holds the accelerate state (model, optimizer, scheduler, RNG), ``trainer_state.json`` and,
+    written last, ``manifest.json`` (every file's size and CRC-32). A kill during a save leaves only a
+    hidden temp folder, never a ``step-N``; a ``step-N`` damaged later (truncated, zeroed, flipped
+    bytes, a file missing) fails its manifest, and resuming goes back to the newest intact one.
     """
+
+    MANIFEST = "manifest.json"
 
     def __init__(self, output: Path, keep: int):
         self.root = output / "checkpoints"
         self.keep = keep
 
-    def latest(self) -> Path | None:
+    def _done(self) -> list[Path]:
+        """Checkpoints that finished saving, oldest first."""
         if not self.root.exists():
-            return None
-        done = [p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+            return []
+        return sorted((p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()),
+                      key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        done = self._done()
+        return done[-1] if done else None
+
+    def latest_intact(self, say=print) -> Path | None:
+        """The newest checkpoint whose files match its manifest; damaged ones are reported (one line
+        each) and skipped. Raises when checkpoints exist but none is intact."""
+        done = self._done()
+        for path in reversed(done):
+            problem = self.damage(path)
+            if problem is None:
+                return path
+            say(f"warning: checkpoint {path} is damaged ({problem}); trying an older one")
+        if done:
+            raise PosttrainError(f"every checkpoint in {self.root} is damaged; nothing to resume from. "
+                                 f"Start afresh with --overwrite")
+        return None
+
+    @classmethod
+    def damage(cls, path: Path) -> str | None:
+        """What is wrong with a checkpoint folder, or None when it matches its manifest."""
+        manifest = path / cls.MANIFEST
+        if not manifest.exists():
+            return f"no {cls.MANIFEST}"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return f"{cls.MANIFEST} is unreadable"
+        for name, want in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["size"]:
+                return f"{name} has {f.stat().st_size} bytes, not {want['size']}"
+            if _crc32(f) != want["crc32"]:
+                return f"{name} does not match its checksum"
+        return None
 
     @staticmethod
     def only_trainable(accelerator, model) -> None:
@@ -188,6 +232,11 @@ class Checkpoints:
 
         accelerator.register_save_state_pre_hook(hook)
 
+    def clear_unfinished(self) -> None:
+        """Remove temp folders of saves that a kill interrupted (ours: hidden ``.step-N.tmp``)."""
+        for tmp in self.root.glob(".step-*.tmp") if self.root.exists() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def save(self, accelerator, step: int, state: dict) -> Path:
         target = self.root / f"step-{step}"
         accelerator.wait_for_everyone()
@@ -201,8 +250,13 @@ class Checkpoints:
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(tmp / "trainer_state.json", state)
+            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "crc32": _crc32(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_json(tmp / self.MANIFEST, {"files": files})  # last: its presence means the rest is whole
+            honour_umask(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -217,10 +271,16 @@ class Checkpoints:
     def _rotate(self) -> None:
         if self.keep <= 0:
             return
-        done = sorted((p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in done[: -self.keep]:
+        for old in self._done()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None) -> None:
@@ -229,6 +289,7 @@ def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | 
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
     if accelerator.is_main_process:
+        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours, left by a run killed while saving
         with atomic_dir(output / "model.tmp-final") as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -325,8 +386,7 @@ def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int |
     that ``max_steps`` does not extend (when resuming it), else None. Refuses to mix a new run into
     an old one's folder; ``--overwrite`` replaces only a folder that a posttrain run wrote."""
     state_file = output / "run_state.json"
-    if output.exists() and not output.is_dir():
-        raise PosttrainError(f"--output {output} is a file; give a folder")
+    check_writable(output)
     if output.exists() and any(output.iterdir()) and not (resume or overwrite):
         raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     if resume and state_file.exists():
@@ -437,7 +497,9 @@ class TrainingRun:
         acc.wait_for_everyone()
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         Checkpoints.only_trainable(acc, model)
-        latest = self.ckpts.latest() if self.cfg.resume else None
+        if self.cfg.resume and self.is_main:
+            self.ckpts.clear_unfinished()
+        latest = self.ckpts.latest_intact(self.log) if self.cfg.resume else None
         if self.cfg.resume and latest is None and (self.output / "run_state.json").exists():
             raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
                                  f"(save_steps was 0); start a new --output")
@@ -579,7 +641,9 @@ class TrainerOptions:
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
                        "logging_steps": self.logging_steps >= 1, "per_device_batch_size": self.per_device_batch_size >= 1,
                        "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-                       "max_bad_steps": self.max_bad_steps >= 1})
+                       "max_bad_steps": self.max_bad_steps >= 1, "train_limit": self.train_limit is None or self.train_limit >= 1,
+                       "save_steps": getattr(self, "save_steps", 0) >= 0, "eval_steps": getattr(self, "eval_steps", 0) >= 0,
+                       "save_total_limit": self.save_total_limit >= 0})
         if self.method not in METHODS:
             raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.resume and self.overwrite:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.utils import atomic_dir
+from posttrain.utils import atomic_dir, check_replaceable
 
 
 def adapter_base(adapter: Path) -> str:
@@ -37,6 +37,13 @@ def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str
     from posttrain.engine.models import load_model, load_tokenizer
 
     adapter_dir = Path(adapter)
+    out = Path(output)
+    targets = [out] + ([out.with_name(out.name + "-4bit")] if quantize_4bit else [])
+    for target in targets:  # every output checked before any work: nothing of the user's is replaced
+        where = target.resolve()
+        if where == adapter_dir.resolve() or where in adapter_dir.resolve().parents:
+            raise PosttrainError(f"--output {target} is the adapter folder or one that holds it; choose a new folder")
+        check_replaceable(target)
     base = base or adapter_base(adapter_dir)
     model = load_model(base, dtype, "cpu" if not quantize_4bit else "auto")
     try:
@@ -45,7 +52,6 @@ def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str
         raise PosttrainError(f"could not apply adapter {adapter_dir} to {base}: {str(e).splitlines()[0][:200]}") from None
     tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base
     tokenizer = load_tokenizer(tok_source)
-    out = Path(output)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

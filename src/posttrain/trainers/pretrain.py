@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from posttrain.errors import PosttrainError
 from posttrain.trainers.common import MetricsLogger, NonFinite, build_scheduler, make_accelerator
-from posttrain.utils import atomic_dir, atomic_write, seed_everything, write_json
+from posttrain.utils import atomic_dir, atomic_write, check_replaceable, seed_everything, write_json
 
 
 @dataclass
@@ -150,6 +150,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     from posttrain.tokenization import train_bpe_tokenizer
 
+    check_replaceable(Path(cfg.output), "pretrain.json")  # before hours of training, not after
     corpus_path = Path(cfg.corpus)
     if corpus_path.exists():
         docs = load_corpus(corpus_path)
@@ -228,7 +229,7 @@ def train(cfg: PretrainConfig) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace_if="pretrain.json") as tmp:
             unwrapped.to(dtype).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "pretrain.json", {
