@@ -339,3 +339,21 @@ def test_outputs_honour_the_umask(tiny_model_dir, tmp_path):
         os.umask(old)
     for name in ("adapter_model.safetensors", "run_state.json", "sft_config.json", "checkpoints/step-2/manifest.json"):
         assert ((tmp_path / "u" / name).stat().st_mode & 0o777) == 0o640, name
+
+
+def test_a_model_trained_on_gsm_symbolic_may_not_report_gsm8k_test_accuracy(tiny_model_dir, tmp_path):
+    """gsm_symbolic's templates were built from GSM8K test problems: the lineage travels with the
+    model (through merge and further training) and evaluation refuses the contaminated score."""
+    from conftest import GSM8K_DIR
+    from posttrain.evaluation import EvalConfig, run_eval
+    from posttrain.trainers.export import merge_adapter
+
+    train(_cfg(tiny_model_dir, tmp_path / "sym", max_steps=1))
+    merged = merge_adapter(str(tmp_path / "sym"), str(tmp_path / "merged"))
+    assert json.loads((merged / "posttrain.json").read_text())["trained_on"] == ["gsm_symbolic"]
+    with pytest.raises(PosttrainError, match="trained on gsm_symbolic, whose problems were built from gsm8k's test split"):
+        run_eval(EvalConfig(model=str(merged), task="gsm8k", data_dir=str(GSM8K_DIR), limit=2, max_new_tokens=2))
+    with pytest.raises(PosttrainError, match="contaminated"):  # nor train on GSM8K from it while scoring GSM8K test
+        train(_cfg(merged, tmp_path / "g", task="gsm8k", data_dir=str(GSM8K_DIR), eval_steps=1, eval_examples=2))
+    assert run_eval(EvalConfig(model=str(merged), task="gsm_symbolic", limit=2, max_new_tokens=2)).summary["n"] == 2
+    run_eval(EvalConfig(model=str(merged), task="gsm8k", split="train", data_dir=str(GSM8K_DIR), limit=2, max_new_tokens=2))

@@ -195,9 +195,11 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> EvalResult:
     """Load (unless given) the model, evaluate ``cfg.task``, save to ``cfg.output`` if set."""
     from posttrain.engine import load_model, load_tokenizer, make_engine
-    from posttrain.tasks import make_task
+    from posttrain.engine.registry import trained_on
+    from posttrain.tasks import check_contamination, make_task
 
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, fewshot=cfg.fewshot, data_dir=cfg.data_dir)
+    check_contamination(trained_on(cfg.model), task.name, cfg.split)
     examples = task.examples(cfg.split, cfg.limit)
     params = cfg.sampling(task)
     if tokenizer is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import build_config, load_yaml
+from posttrain.engine.registry import resolve_model
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import EvalConfig, run_eval
 from posttrain.utils import atomic_dir, atomic_write, check_writable, write_json
@@ -105,6 +106,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     sft_cfg, rl_cfg, evals = stage_configs(cfg)
     if not Path(cfg.model).exists() and cfg.model.startswith(("models/", "./", "/", "runs/")):
         raise PosttrainError(f"base model folder {cfg.model} not found; run posttrain pretrain or point --model at one")
+    resolve_model(cfg.model)  # a named model not fetched yet, or a missing .gguf: say so before any stage
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     stages = []
@@ -130,7 +132,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if _finished(folder):
             print(f"[{name}] already finished: {folder}")
         else:
-            if not Path(tcfg.model).exists() and not tcfg.model.count("/") == 1:
+            if Path(tcfg.model).is_relative_to(out) and not Path(tcfg.model).exists():
                 raise PosttrainError(f"stage {name} needs {tcfg.model}, which is missing; rerun the stage before it")
             t = time.perf_counter()
             tcfg.resume = folder.exists()

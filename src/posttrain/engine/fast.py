@@ -32,6 +32,7 @@ Sampling is exact: the token follows softmax(logits / T) renormalised over the t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,7 @@ class FastEngine(Engine):
     name = "fast"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, *, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 8, prefill_tokens: int = 16384, compile: bool = True,
+                 sync_every: int = 8, prefill_tokens: int = 16384, compile: bool | None = None,
                  merge_weights: bool = True):
         ok, why = supports(model)
         if not ok:
@@ -198,6 +199,8 @@ class FastEngine(Engine):
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
         self._fwd, self._prefill_fwd, self._lse_impl = self._forward_step, self._prefill_forward, _lse
+        if compile is None:  # POSTTRAIN_COMPILE=0 trades some steady-state speed for no compilation at start
+            compile = os.environ.get("POSTTRAIN_COMPILE", "1") != "0"
         if self.device.type == "cuda" and compile:
             # Fuse the many small elementwise kernels (norms, rotary, residuals, activations).
             self._fwd = torch.compile(self._forward_step, dynamic=True)

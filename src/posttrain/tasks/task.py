@@ -119,3 +119,19 @@ def make_task(
     else:
         raise PosttrainError(f"unknown task {name!r}; choose gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file or hf:org/dataset")
     return Task(source, get_prompt(prompt_style), fewshot)
+
+
+# Training data that was built from another task's evaluation split: a model trained on the key must
+# not report accuracy on the value's test split. reasoning-gym's gsm_symbolic templates were made
+# from GSM8K *test* problems.
+BUILT_FROM_TEST_OF = {"gsm_symbolic": "gsm8k"}
+
+
+def check_contamination(trained_on: list[str], eval_task: str, split: str = "test") -> None:
+    """One-line refusal when a model trained on ``trained_on`` would be scored on ``eval_task``'s
+    ``split`` that its training data was derived from."""
+    for task in trained_on:
+        if BUILT_FROM_TEST_OF.get(task) == eval_task and split == "test":
+            raise PosttrainError(f"this model was trained on {task}, whose problems were built from {eval_task}'s test "
+                                 f"split, so its {eval_task} test accuracy would be contaminated; train on {eval_task} "
+                                 f"train (or another source) to report {eval_task} test accuracy")

@@ -475,6 +475,12 @@ class TrainingRun:
             return
         if cfg.resume:
             check_resumed_config(self.output, f"{stage}_config.json", cfg)
+        from posttrain.engine.registry import trained_on
+        from posttrain.tasks import check_contamination, make_task
+
+        self.trained_on = trained_on(cfg.model) + [make_task(cfg.task, data_dir=cfg.data_dir).name]
+        if getattr(cfg, "eval_steps", 0):  # this run reports the task's test accuracy as it trains
+            check_contamination(self.trained_on[:-1], self.trained_on[-1])
         self.accelerator = make_accelerator()
         acc = self.accelerator
         self.device, self.is_main = acc.device, acc.is_main_process
@@ -546,7 +552,8 @@ class TrainingRun:
         latest = self.ckpts.latest()
         if cfg.save_steps and (latest is None or int(latest.name.split("-")[1]) != self.step):
             self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
-        save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model})
+        save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model,
+                                                                    "task": cfg.task, "trained_on": self.trained_on})
         final = {"finished": True, "step": self.step, **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
         if self.is_main:
             write_json(self.output / "run_state.json", final)
