@@ -168,6 +168,17 @@ def mcnemar_exact(before: list[bool], after: list[bool]) -> tuple[int, int, floa
     return b, c, min(1.0, 2 * tail)
 
 
+def _rolling(values: list[float], window: int) -> tuple[list[float], list[float]]:
+    """Trailing rolling mean and standard deviation (shorter windows at the start)."""
+    means, sds = [], []
+    for i in range(len(values)):
+        w = values[max(0, i - window + 1): i + 1]
+        m = sum(w) / len(w)
+        means.append(m)
+        sds.append((sum((x - m) ** 2 for x in w) / len(w)) ** 0.5)
+    return means, sds
+
+
 def _records(out: Path, name: str) -> list[dict]:
     path = out / f"eval_{name}" / "records.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -186,27 +197,44 @@ def write_report(cfg: PipelineConfig, stages: list[dict], out: Path) -> None:
     acc = [100 * s["accuracy"] for s in stages]
     err = [[100 * (s["accuracy"] - s["ci95"][0]) for s in stages], [100 * (s["ci95"][1] - s["accuracy"]) for s in stages]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, acc, yerr=err, capsize=6, color=["#999", "#4a7", "#37c"][: len(names)])
-    ax.set_ylabel("accuracy (%) with 95% CI")
-    ax.set_title(f"{cfg.task}: held-out accuracy by stage")
-    ax.set_ylim(0, 100)
+    bars = ax.bar(names, acc, yerr=err, capsize=6, color=["#999", "#4a7", "#37c"][: len(names)])
+    ax.bar_label(bars, labels=[f"{a:.1f}%" for a in acc], padding=3)
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_xlabel("stage")
+    ax.set_title(f"{cfg.task}: held-out accuracy by stage (n = {stages[0]['n'] if stages else 0})")
+    top = max([100 * s["ci95"][1] for s in stages] or [1])
+    ax.set_ylim(0, 100 if top > 40 else top * 1.35)  # small accuracies stay readable
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
 
-    curves = {"sft_loss.png": ("sft", ["loss", "eval_loss"]), "rl_reward.png": ("rl", ["reward_mean", "accuracy"])}
-    for fname, (stage, keys) in curves.items():
+    curves = {"sft_loss.png": ("sft", ["loss", "eval_loss"], "loss (response tokens)"),
+              "rl_reward.png": ("rl", ["reward_mean", "accuracy"], "per-step value, rolling mean ± 1 sd")}
+    for fname, (stage, keys, ylabel) in curves.items():
         rows = read_metrics(out / stage / "metrics.jsonl")
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(6, 3.8))
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker="o" if len(pts) < 20 else None)
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.set_title(f"{stage} training")
+            if not pts:
+                continue
+            steps, vals = map(list, zip(*pts))
+            if stage == "rl" and len(vals) >= 10:  # per-step rewards are noisy: show the trend and its spread
+                mean, sd = _rolling(vals, max(5, len(vals) // 10))
+                line, = ax.plot(steps, mean, label=f"{key} (rolling mean)", linestyle="-" if key == keys[0] else "--")
+                ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                                color=line.get_color(), alpha=0.2)
+                ax.plot(steps, vals, color=line.get_color(), alpha=0.25, linewidth=0.7)
+            else:
+                ax.plot(steps, vals, label=key, marker="o" if len(pts) < 20 else None)
+        evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+        if evals:
+            ax.plot(*zip(*evals), "s--", color="black", label="held-out accuracy")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{stage}: " + ("training loss" if stage == "sft" else "reward and sampled accuracy"))
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)

@@ -199,8 +199,12 @@ class FastEngine(Engine):
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
         self._fwd, self._prefill_fwd, self._lse_impl = self._forward_step, self._prefill_forward, _lse
-        if compile is None:  # POSTTRAIN_COMPILE=0 trades some steady-state speed for no compilation at start
-            compile = os.environ.get("POSTTRAIN_COMPILE", "1") != "0"
+        if compile is None:
+            # Off by default: on an H100, torch.compile made a whole GSM8K evaluation of SmolLM2 take
+            # 227 s from process start (85 s with warm caches) against 24 s (22 s) without it, while
+            # its steady-state gain is 1.5x decode on the 1B shape (bench/e2e.py, bench/rollout.py;
+            # BENCHMARKS.md). POSTTRAIN_COMPILE=1 turns it on for long runs, where it pays.
+            compile = os.environ.get("POSTTRAIN_COMPILE", "0") == "1"
         if self.device.type == "cuda" and compile:
             # Fuse the many small elementwise kernels (norms, rotary, residuals, activations).
             self._fwd = torch.compile(self._forward_step, dynamic=True)
