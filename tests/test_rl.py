@@ -364,3 +364,35 @@ def test_one_engine_serves_rollouts_and_evaluations(tiny_model_dir, tmp_path, to
 def test_nan_rewards_are_named_not_blamed_on_the_learning_rate(tiny_model_dir, tmp_path, toy_file):
     with pytest.raises(PosttrainError, match="'toy.nan_reward' returned nan for completion 0; rewards must be finite"):
         train(_cfg(tiny_model_dir, tmp_path / "nan", toy_file, reward=[f"{toy_file}:nan_reward"], max_steps=1))
+
+
+def _reference_token_logprobs(logits, tokens):
+    """The previous implementation: whole-batch fp32 log-softmax (kept as the reference)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, tokens[..., None]).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_equal_the_full_softmax_and_hold_far_less_for_backward(dtype):
+    torch.manual_seed(0)
+    n, t, v = 4, 37, 3001
+    base = (torch.randn(n, t, v) * 3).to(dtype)
+    tokens = torch.randint(0, v, (n, t))
+    weights = torch.randn(n, t)
+
+    def run(fn, **kw):
+        x = base.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s.numel() * s.element_size()) or s, lambda s: s):
+            logp, ent = fn(x, tokens, **kw)
+            loss = (logp * weights).sum()
+        loss.backward()
+        return logp.detach(), ent, x.grad, sum(saved)
+
+    ref = run(_reference_token_logprobs)
+    ours = run(token_logprobs, chunk_elements=n * v * 5)  # 8 chunks of 5 positions
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(ours[0], ref[0], **tol)
+    torch.testing.assert_close(ours[1], ref[1], **tol)
+    torch.testing.assert_close(ours[2].float(), ref[2].float(), **tol)
+    assert ours[3] * 2 <= ref[3], (ours[3], ref[3])  # what autograd keeps until backward: at least halved

@@ -58,6 +58,17 @@ def _not_found(name: str, e: Exception) -> PosttrainError:
     )
 
 
+def _prequantized(path: str) -> bool:
+    """A local model folder saved already quantized (its config names a quantization method)."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "left"):
     """Tokenizer with a pad token (falls back to EOS, as the seeds do) and the given padding side."""
     from transformers import AutoTokenizer
@@ -101,6 +112,9 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+    prequantized = quantization_config is None and _prequantized(src.path)
+    if prequantized:  # e.g. posttrain merge --quantize-4bit: bitsandbytes places it at load time
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as e:
@@ -108,7 +122,7 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     except (SafetensorError, RuntimeError, EOFError, KeyError) as e:  # damaged weight files
         raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
                              "the files are damaged or incomplete: copy or fetch the model again") from None
-    if quantization_config is None:
+    if quantization_config is None and not prequantized:
         model.to(dev)
     model.eval()
     return model

@@ -175,12 +175,42 @@ def policy_loss(
     return loss, metrics
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of each next token.
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk_elements: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob (with gradient) and entropy (a metric, without) of each next token, chunk by chunk.
 
-    logits: [N, T, V] predicting ``tokens`` [N, T] -> (logp [N, T], entropy [N, T]).
+    logits: [N, T, V] predicting ``tokens`` [N, T] -> (logp [N, T] fp32, entropy [N, T] fp32).
+
+    fp32 full-vocabulary temporaries exist for one chunk of positions at a time (at most
+    ``chunk_elements`` values), and autograd keeps only the logits themselves and one log-sum-exp per
+    position: the softmax is recomputed per chunk in the backward pass (``_TokenLogp``). A whole
+    micro-batch's fp32 log-softmax, kept for backward, was the largest allocation of an RL step at a
+    128k vocabulary.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    logp = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, entropy
+    n, t, v = logits.shape
+    step = max(1, chunk_elements // max(1, n * v))
+    parts = [_TokenLogp.apply(logits[:, s:s + step], tokens[:, s:s + step]) for s in range(0, t, step)]
+    return torch.cat([lp for lp, _ in parts], 1), torch.cat([ent for _, ent in parts], 1)
+
+
+class _TokenLogp(torch.autograd.Function):
+    """(log softmax(x)[tok], entropy of softmax(x)) for one chunk x [N, S, V], computed in fp32.
+
+    d logp / dx = onehot(tok) - softmax(x): formed in the backward pass from x and the saved
+    log-sum-exp, so nothing of size V is kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tok: torch.Tensor):
+        x32 = x.float()
+        lse = torch.logsumexp(x32, -1)  # [N, S]
+        logp = x32.gather(-1, tok[..., None]).squeeze(-1) - lse
+        entropy = lse - (torch.exp(x32 - lse[..., None]) * x32).sum(-1)
+        ctx.save_for_backward(x, tok, lse)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, grad_entropy: torch.Tensor):
+        x, tok, lse = ctx.saved_tensors
+        grad = torch.exp(x.float() - lse[..., None]).mul_(-grad_logp[..., None])  # -softmax · g
+        grad.scatter_add_(-1, tok[..., None], grad_logp[..., None])  # + onehot · g
+        return grad.to(x.dtype), None
