@@ -222,3 +222,55 @@ def test_unsupported_model_falls_back_with_notice(tiny_tokenizer, capsys):
     engine = make_engine("fast", gpt2, tiny_tokenizer)
     assert engine.name == "hf" and "fast engine does not support" in capsys.readouterr().out
     assert make_engine("auto", make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer).name == "fast"
+
+
+class _Packed4bitLinear(torch.nn.Linear):
+    """A stand-in for bitsandbytes' Linear4bit (an nn.Linear whose weight is packed 4-bit data with a
+    ``quant_state``): the packed tensor here is junk bytes, the dense weight lives in the quant state,
+    and forward computes with it, as Linear4bit dequantizes on the fly."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        packed = torch.nn.Parameter(torch.randint(0, 255, (linear.weight.numel() // 2, 1), dtype=torch.uint8), requires_grad=False)
+        packed.quant_state = linear.weight.detach().clone()
+        self.weight = packed
+        if linear.bias is not None:
+            self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.quant_state, self.bias)
+
+
+def _quantized_stand_in(model):
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(parent, name, _Packed4bitLinear(getattr(parent, name)))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_4bit_base_is_served_from_dequantized_weights(tiny_tokenizer, monkeypatch, lora):
+    """QLoRA policies: the engine dequantizes each 4-bit projection (never reads packed bytes as
+    weights), merges the adapter in, and samples what HF generate samples on the same model."""
+    import posttrain.engine.fast as fast
+
+    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    model = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        model.eval()
+    assert supports(model)[0]
+    prompts = _prompts(tiny_tokenizer, 4)
+    params = SamplingParams(max_new_tokens=20)
+    hf = HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)
+    engine = make_engine("auto", model, tiny_tokenizer, 4)
+    assert engine.name == "fast"
+    assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf]

@@ -58,8 +58,8 @@ def supports(model) -> tuple[bool, str]:
         return False, f"model type {mt!r} is not one of {sorted(SUPPORTED)}"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
         return False, "sliding-window attention"
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        return False, "quantized weights"
+    if getattr(base, "is_loaded_in_8bit", False):
+        return False, "8-bit quantized weights"
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return False, "unexpected module layout"
@@ -94,17 +94,36 @@ def _rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
 
+def _dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (packed, with its ``quant_state``) as a dense [out, in] tensor in the
+    compute dtype (QLoRA: NF4 with double quantization, bf16 compute)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _dense(linear) -> tuple[torch.Tensor, bool]:
+    """(the dense weight of an ``nn.Linear``, whether it is the module's own tensor). A 4-bit layer
+    (bitsandbytes' Linear4bit is an nn.Linear whose weight is packed) is dequantized: a new tensor."""
+    if getattr(linear.weight, "quant_state", None) is not None:
+        return _dequantize(linear.weight), False
+    return linear.weight, True
+
+
 def _linear_parts(module):
-    """(weight, bias, LoRA adapters) of a projection: a plain ``nn.Linear`` (no adapters), or a PEFT
-    LoRA layer with its active, unmerged adapters as (lora_B, lora_A, scale); None for anything else
-    (DoRA, quantized or custom layers), which the engine then calls as modules."""
+    """(weight, bias, LoRA adapters, whether the weight is the module's own tensor) of a projection: a
+    plain or 4-bit ``nn.Linear`` (no adapters), or a PEFT LoRA layer with its active, unmerged adapters
+    as (lora_B, lora_A, scale); None for anything else (DoRA, other quantizations or custom layers),
+    which the engine then calls as modules."""
     if isinstance(module, torch.nn.Linear):
-        return module.weight, module.bias, []
+        weight, owned = _dense(module)
+        return weight, module.bias, [], owned
     base = getattr(module, "base_layer", None)
     if not isinstance(base, torch.nn.Linear) or not hasattr(module, "lora_A"):
         return None
+    weight, owned = _dense(base)
     if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
-        return base.weight, base.bias, []  # PEFT's own forward then uses the base layer alone
+        return weight, base.bias, [], owned  # PEFT's own forward then uses the base layer alone
     adapters = []
     for name in module.active_adapters:
         if name not in module.lora_A:
@@ -112,7 +131,7 @@ def _linear_parts(module):
         if getattr(module, "use_dora", {}).get(name, False):
             return None
         adapters.append((module.lora_B[name], module.lora_A[name], module.scaling[name]))
-    return base.weight, base.bias, adapters
+    return weight, base.bias, adapters, owned
 
 
 class _Proj:
@@ -130,21 +149,21 @@ class _Proj:
         """Bring the weights up to date with the modules; True when the tensors moved (captured
         graphs point at the old ones)."""
         parts = [_linear_parts(m) for m in self.modules]
-        if len(parts) == 1 and not parts[0][2]:
-            w, b, _ = parts[0]
+        if len(parts) == 1 and not parts[0][2] and parts[0][3]:  # a plain projection: the model's own tensor
+            w, b, _, _ = parts[0]
             moved = not self.own or w.data_ptr() != self.weight.data_ptr()
             self.weight, self.bias, self.own = w, b, True
             return moved
         moved = self.own or self.weight is None
         if moved:
             w0 = parts[0][0]
-            rows = sum(w.shape[0] for w, _, _ in parts)
+            rows = sum(w.shape[0] for w, _, _, _ in parts)
             self.weight = torch.empty((rows, w0.shape[1]), dtype=w0.dtype, device=w0.device)
-            biased = any(b is not None or any(lb.bias is not None for lb, _, _ in ad) for _, b, ad in parts)
+            biased = any(b is not None or any(lb.bias is not None for lb, _, _ in ad) for _, b, ad, _ in parts)
             self.bias = torch.zeros(rows, dtype=w0.dtype, device=w0.device) if biased else None
             self.own = False
         row = 0
-        for w, b, adapters in parts:
+        for w, b, adapters, _ in parts:
             out = slice(row, row + w.shape[0])
             if adapters:  # merged in fp32, rounded once
                 acc = w.float().clone()  # never the model's own tensor (fp32 .float() is a no-op)
