@@ -46,10 +46,14 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="qlora_engine.json")
+    ap.add_argument("--compute-dtype", default="bf16", help="bf16 (seed 003) or fp32 (separates rounding from logic)")
     args = ap.parse_args()
     folder = tempfile.mkdtemp()
     llama32_1b().save_pretrained(folder)
-    model = load_model(folder, "bf16", "cuda", quantization_config=bnb_4bit_config())
+    quant = bnb_4bit_config()
+    if args.compute_dtype == "fp32":
+        quant.bnb_4bit_compute_dtype = torch.float32
+    model = load_model(folder, args.compute_dtype, "cuda", quantization_config=quant)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
     with torch.no_grad():
@@ -60,7 +64,8 @@ def main():
     model.generation_config.eos_token_id = tok.eos_token_id
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1000, 120000, (64, 160), generator=g).tolist()
-    rows = {"device": device_name(), "torch": torch.__version__, "model": "Llama-3.2-1B shape, NF4 + LoRA r16"}
+    rows = {"device": device_name(), "torch": torch.__version__, "model": "Llama-3.2-1B shape, NF4 + LoRA r16",
+            "compute_dtype": args.compute_dtype}
     greedy = SamplingParams(max_new_tokens=64, ignore_eos=True)
     hf, rows["hf_greedy_s"], _ = timed(HFEngine(model, tok, 64), prompts[:16], greedy)
     fast_engine = FastEngine(model, tok, 256)
