@@ -358,7 +358,7 @@ def test_one_engine_serves_rollouts_and_evaluations(tiny_model_dir, tmp_path, to
     monkeypatch.setattr(engine_mod, "make_engine", counting)
     train(_cfg(tiny_model_dir, tmp_path / "e", toy_file, max_steps=3, eval_steps=1, eval_samples=4))
     assert len(built) == 1 and built[0].name == "hf"  # 3 rollouts and 3 evaluations, one engine, as asked
-    assert len(synced) == 3  # told after every optimizer step that the policy changed
+    assert len(synced) == 3  # told of every update before it generated again (evaluation or rollout), once each
 
 
 def test_nan_rewards_are_named_not_blamed_on_the_learning_rate(tiny_model_dir, tmp_path, toy_file):
@@ -396,3 +396,19 @@ def test_chunked_logprobs_equal_the_full_softmax_and_hold_far_less_for_backward(
     torch.testing.assert_close(ours[1], ref[1], **tol)
     torch.testing.assert_close(ours[2].float(), ref[2].float(), **tol)
     assert ours[3] * 2 <= ref[3], (ours[3], ref[3])  # what autograd keeps until backward: at least halved
+
+
+def test_the_engine_is_synced_once_per_rollout_not_per_update(tiny_model_dir, tmp_path, toy_file, monkeypatch):
+    import posttrain.engine as engine_mod
+
+    synced, real = [], engine_mod.make_engine
+
+    def counting(*a, **k):
+        engine = real(*a, **k)
+        sync = engine.sync_weights
+        engine.sync_weights = lambda policy: synced.append(1) or sync(policy)
+        return engine
+
+    monkeypatch.setattr(engine_mod, "make_engine", counting)
+    train(_cfg(tiny_model_dir, tmp_path / "it", toy_file, max_steps=6, num_iterations=3, eval_steps=0))
+    assert len(synced) == 1  # 2 rollouts x 3 updates: the second rollout needed the policy of step 3, once

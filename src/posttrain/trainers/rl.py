@@ -347,10 +347,20 @@ def train(cfg: RLConfig) -> dict:
     engine = make_engine(cfg.engine, policy, tokenizer, cfg.rollout_batch_size)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
 
+    synced = run.step  # the engine samples from the policy as it was at this step
+
+    def current(engine):
+        """The engine, told of the policy's updates since it last generated (once, not per update)."""
+        nonlocal synced
+        if synced != run.step:
+            engine.sync_weights(policy)
+            synced = run.step
+        return engine
+
     rollout_index = run.step // cfg.num_iterations
     while run.step < cfg.max_steps:
         policy.eval()
-        rollout = collect_rollouts(engine, prompts, rollout_index, cfg, params, run.rank, run.world)  # 1. sample
+        rollout = collect_rollouts(current(engine), prompts, rollout_index, cfg, params, run.rank, run.world)  # 1. sample
         policy.train()
         score(rollout, prompts, reward_fns, task.template.style == "chat", run.device)               # 2. reward
         rollout.advantages, rollout.frac_groups_all_equal = compute_advantages(rollout.rewards, cfg)  # 3. advantage
@@ -366,11 +376,10 @@ def train(cfg: RLConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
-            engine.sync_weights(policy)  # the policy changed: the next rollout samples from it
             metrics = step_metrics(rollout, batch, stats, task, prompts, run.world, time.perf_counter() - t0)
             metrics.update(lr=scheduler.get_last_lr()[0], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
             if eval_examples and (run.step % cfg.eval_steps == 0 or run.step == cfg.max_steps):
-                metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator))
+                metrics.update(accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator))
             run.end_step(metrics, {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"})
         rollout_index += 1
     return run.finish(model, tokenizer, {"algo": cfg.algo})
