@@ -67,6 +67,14 @@ CASES = [
     ("sft unknown task", ["sft", "--model", "{F}/model", "--task", "nope", "--output", "out"], "unknown task"),
     ("unknown option in config", ["eval", "--config", "{F}/unknown_key.yaml"], "unknown option(s) learning_rat"),
     ("fetch unknown model", ["fetch", "gpt-17"], "unknown model 'gpt-17'"),
+    ("eval hub id while offline", ["eval", "--model", "no-such-org/no-such-model", "--limit", "1"], "could not be fetched from the hub"),
+    ("eval batch size 0", ["eval", "--model", "{F}/model", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ("eval samples without sampling", ["eval", "--model", "{F}/model", "--num-samples", "4"], "--num-samples > 1 needs sampling"),
+    ("eval gsm8k from an empty folder", ["eval", "--model", "{F}/model", "--task", "gsm8k", "--data-dir", "{F}/user_folder",
+                                        "--output", "never"], "GSM8K test split not found"),
+    ("eval limit not a number", ["eval", "--model", "{F}/model", "--limit", "x"], "invalid int value: 'x'"),
+    ("unknown flag", ["eval", "--modle", "x"], "unrecognized arguments: --modle"),
+    ("grade malformed line", ["grade", "{F}/malformed.jsonl", "--output", "graded.jsonl"], "malformed.jsonl:2: malformed JSON"),
     # -- never destroy: each of these once deleted or replaced something of the user's
     ("overwrite a folder posttrain did not write", ["sft", "--model", "{F}/model", "--output", "{F}/user_folder", "--overwrite"],
      "not written by a posttrain run"),
@@ -144,7 +152,7 @@ def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         leftovers = [str(p.relative_to(work)) for p in work.rglob("*") if p.name != ".home"]
         ok = (r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr and expected in r.stderr
-              and lines[0].startswith("posttrain ") and not leftovers)
+              and lines[0].startswith("posttrain") and not leftovers)
         if not ok:
             failures.append(f"{name}: rc={r.returncode} leftovers={leftovers} stderr={r.stderr[-600:]!r}")
     assert not failures, "\n".join(failures)

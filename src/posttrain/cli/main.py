@@ -19,11 +19,18 @@ def command(name: str, help: str):
     return wrap
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error (``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from posttrain import __version__
     from posttrain.cli import commands  # noqa: F401  (registers the subcommands)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="posttrain",
         description="Post-train causal LMs on grade-school math: eval, sft, rl, pipeline.",
     )
