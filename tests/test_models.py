@@ -112,8 +112,10 @@ def test_fetch_never_writes_over_a_folder_it_did_not_make(tiny_gguf, tmp_path, r
 
 
 def test_fetch_with_no_registry_is_one_line(tmp_path):
-    env = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
-           "PIP_NO_CACHE_DIR": "1", "POSTTRAIN_HOME": str(tmp_path / "home")}
+    # No registry: pip's config files (extra indexes, find-links) ignored, its index a closed loopback port.
+    env = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
+           "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1",
+           "POSTTRAIN_HOME": str(tmp_path / "home")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
