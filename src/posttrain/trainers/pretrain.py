@@ -4,7 +4,8 @@ This is how the offline default model ``models/nano-gsm`` is made. Its corpus is
 pipeline's prompt format: procedural problems from reasoning-gym's ``gsm_symbolic`` written as
 documents of two kinds, as a web crawl would hold them:
 
-* worked problems: the question, then its solution, ending "The answer is N.";
+* worked problems: the question, then its solution, ending "The answer is N." or, as GSM8K's own
+  files do, in the answer line "#### N" (the layout our prompts ask for; ``####`` is one token);
 * problem sets: several questions in a row, one per line, no solutions.
 
 So the base model can solve problems, but given a question it does not know it is being *asked* one:
@@ -42,6 +43,8 @@ class PretrainConfig:
     """Documents to build when the corpus is generated."""
     problem_set_share: float = 0.4
     """Share of documents that are problem sets (questions without solutions)."""
+    marker_share: float = 0.0
+    """Share of worked problems that end in the answer line "#### N" (the others: "The answer is N.")."""
     data_seed: int = 2024
     """Seed of the procedural problems in the corpus (kept apart from the evaluation streams)."""
     vocab_size: int = 2048
@@ -82,14 +85,16 @@ class PretrainConfig:
             raise PosttrainError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if not 0 <= self.problem_set_share < 1:
             raise PosttrainError("problem_set_share must be in [0, 1)")
+        if not 0 <= self.marker_share <= 1:
+            raise PosttrainError("marker_share must be in [0, 1]")
 
 
-def _final_line(cot: str, answer: str) -> str:
+def _final_line(cot: str, answer: str, marker: bool) -> str:
     body = cot.rsplit("####", 1)[0].strip()
-    return f"{body}\nThe answer is {answer}."
+    return f"{body}\n#### {answer}" if marker else f"{body}\nThe answer is {answer}."
 
 
-def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: set[str]) -> list[str]:
+def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: set[str], marker_share: float = 0.0) -> list[str]:
     """Raw-text documents from gsm_symbolic (questions in ``exclude`` never appear)."""
     try:
         import reasoning_gym
@@ -116,7 +121,7 @@ def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: se
                 docs.append("\n".join(qs))
             else:
                 q, cot, ans = next_item()
-                docs.append(f"{q}\n{_final_line(cot, ans)}")
+                docs.append(f"{q}\n{_final_line(cot, ans, rng.random() < marker_share)}")
             bar.update(1)
     except StopIteration:
         pass
@@ -155,7 +160,7 @@ def train(cfg: PretrainConfig) -> dict:
     if corpus_path.exists():
         docs = load_corpus(corpus_path)
     else:
-        docs = build_corpus(cfg.num_docs, cfg.problem_set_share, cfg.data_seed, pipeline_test_questions())
+        docs = build_corpus(cfg.num_docs, cfg.problem_set_share, cfg.data_seed, pipeline_test_questions(), cfg.marker_share)
         save_corpus(corpus_path, docs)
         print(f"wrote {len(docs)} documents to {corpus_path}")
     if cfg.corpus_only:
