@@ -412,3 +412,36 @@ def test_the_engine_is_synced_once_per_rollout_not_per_update(tiny_model_dir, tm
     monkeypatch.setattr(engine_mod, "make_engine", counting)
     train(_cfg(tiny_model_dir, tmp_path / "it", toy_file, max_steps=6, num_iterations=3, eval_steps=0))
     assert len(synced) == 1  # 2 rollouts x 3 updates: the second rollout needed the policy of step 3, once
+
+
+def test_answers_only_rewards_never_see_a_worked_solution(tiny_model_dir, tmp_path, monkeypatch):
+    spy = tmp_path / "spy.py"
+    spy.write_text("import json, os\n"
+                   "def spy(prompts, completions, answer, **kw):\n"
+                   "    with open(os.environ['SPY_LOG'], 'a') as f:\n"
+                   "        f.write(json.dumps(answer) + '\\n')\n"
+                   "    return [0.0] * len(completions)\n")
+    monkeypatch.setenv("SPY_LOG", str(tmp_path / "answers.jsonl"))
+    cfg = RLConfig(model=str(tiny_model_dir), output=str(tmp_path / "rl"), method="full", task="gsm_symbolic", max_steps=2,
+                   num_generations=2, per_device_batch_size=4, gradient_accumulation_steps=1, max_new_tokens=4, beta=0.0,
+                   eval_steps=0, save_steps=0, report_to=[], reward=[f"{spy}:spy"], train_limit=8, train_offset=4, answers_only=True)
+    train(cfg)
+    seen = [a for line in (tmp_path / "answers.jsonl").read_text().splitlines() for a in json.loads(line)]
+    assert len(seen) == 8 and all(a.startswith("#### ") and "\n" not in a for a in seen)  # 2 steps × 4 completions
+
+
+def test_training_problems_offset_validation_and_answers_only():
+    from posttrain.tasks import make_task
+    from posttrain.trainers.rl import training_problems
+
+    task = make_task("gsm_symbolic")
+    rows = task.examples("train")
+    cfg = RLConfig(train_offset=10, train_limit=20, validation_size=30, answers_only=True, eval_steps=5, eval_samples=25)
+    train_set, held_out = training_problems(task, cfg)
+    assert [e.id for e in train_set] == [e.id for e in rows[10:30]] and all(e.response == "" for e in train_set)
+    assert [e.id for e in held_out] == [e.id for e in rows[-30:-5]]  # the train split's tail, never its head
+    assert rows[10].response  # the task itself still has the solutions; only RL's copy drops them
+    with pytest.raises(PosttrainError, match="no training examples left"):
+        training_problems(task, RLConfig(train_offset=len(rows) - 30, validation_size=30))
+    _, test_held_out = training_problems(task, RLConfig(eval_steps=5, eval_samples=7))
+    assert [e.id for e in test_held_out] == [e.id for e in task.examples("test")[:7]]

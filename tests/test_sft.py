@@ -357,3 +357,35 @@ def test_a_model_trained_on_gsm_symbolic_may_not_report_gsm8k_test_accuracy(tiny
         train(_cfg(merged, tmp_path / "g", task="gsm8k", data_dir=str(GSM8K_DIR), eval_steps=1, eval_examples=2))
     assert run_eval(EvalConfig(model=str(merged), task="gsm_symbolic", limit=2, max_new_tokens=2)).summary["n"] == 2
     run_eval(EvalConfig(model=str(merged), task="gsm8k", split="train", data_dir=str(GSM8K_DIR), limit=2, max_new_tokens=2))
+
+
+def test_validation_is_the_train_splits_tail_and_evaluations_use_it(tiny_model_dir, tmp_path, monkeypatch):
+    import posttrain.trainers.sft as sft_mod
+    from posttrain.tasks import make_task
+
+    seen = []
+    real = sft_mod.accuracy_eval
+    monkeypatch.setattr(sft_mod, "accuracy_eval", lambda engine, tok, task, examples, *a: seen.append([e.id for e in examples])
+                        or real(engine, tok, task, examples, *a))
+    train(_cfg(tiny_model_dir, tmp_path / "v", max_steps=2, train_limit=8, validation_size=5, eval_steps=2,
+               eval_examples=2, eval_accuracy_samples=3, eval_max_new_tokens=4, mixed_precision="bf16"))
+    rows = make_task("gsm_symbolic").examples("train")
+    assert seen == [[e.id for e in rows[-5:-2]]]  # the train split's tail, not the test split
+    config = json.loads((tmp_path / "v" / "sft_config.json").read_text())
+    assert config["data_stats"]["examples"] == 8 and config["mixed_precision"] == "bf16"
+
+
+def test_mixed_precision_choices():
+    from posttrain.trainers.common import make_accelerator
+
+    assert make_accelerator("auto").mixed_precision == "no"  # CPU: fp32 unless asked
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    with pytest.raises(PosttrainError, match="mixed-precision"):
+        SFTConfig(mixed_precision="fp8")
+
+
+def test_the_answer_marker_is_one_token(tiny_tokenizer):
+    text = "3 + 4 = 7\n#### 7"
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert "####" in tiny_tokenizer.convert_ids_to_tokens(ids)
+    assert tiny_tokenizer.decode(ids) == text

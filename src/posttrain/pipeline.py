@@ -1,5 +1,9 @@
 """The whole seed story as one resumable run: evaluate base → SFT → evaluate → RL → evaluate → report.
 
+With ``control`` on, one more arm: SFT continued from the SFT model on the same worked solutions for
+as much compute as the RL stage used (counted from both runs' token records), then evaluated like
+the others, so the report shows whether RL's gain is more than more SFT.
+
 Each stage writes into its own subfolder of the output; a rerun skips stages that already finished,
 and a stage whose input is missing fails before any work starts.
 """
@@ -42,6 +46,9 @@ class PipelineConfig:
     """Options for the SFT stage (posttrain sft's options)."""
     rl: dict = field(default_factory=dict)
     """Options for the RL stage (posttrain rl's options)."""
+    control: bool = False
+    """Also run the control arm: SFT continued from the SFT model on the same worked solutions for as
+    much compute as the RL stage used, evaluated like the other stages."""
     samples_in_report: int = 3
     """Sample generations shown per stage in report.md."""
 
@@ -69,7 +76,8 @@ def stage_configs(cfg: PipelineConfig):
     rl = build_config(RLConfig, {**common, **cfg.rl, "algo": cfg.rl_algo, "model": str(sft_model_dir),
                                  "output": str(out / "rl")}, "rl options")
     evals = {}
-    for name, model in (("base", cfg.model), ("sft", sft_model_dir), ("rl", rl_model_dir)):
+    for name, model in (("base", cfg.model), ("sft", sft_model_dir), ("rl", rl_model_dir),
+                        ("control", out / "control" / "model")):
         evals[name] = build_config(EvalConfig, {**common, **cfg.eval, "model": str(model), "output": str(out / f"eval_{name}")},
                                    "eval options")
     return sft, rl, evals
@@ -148,11 +156,40 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     evaluate("sft")
     train("rl", rl_cfg, rl_trainer.train)
     evaluate("rl")
+    compute = None
+    if cfg.control:
+        compute = matched_compute(out, rl_cfg)
+        control_cfg = build_config(type(sft_cfg), {**vars(sft_cfg), "model": str(out / "sft" / "model"), "output": str(out / "control"),
+                                                   "max_steps": compute["control_steps"], "warmup_steps": 0, "eval_steps": 0,
+                                                   "resume": False}, "control options")
+        train("control", control_cfg, sft_trainer.train)
+        evaluate("control")
 
-    summary = {"stages": stages, "timings_s": timings, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    summary = {"stages": stages, "timings_s": timings, "compute": compute,
+               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
     write_json(out / "summary.json", summary)
-    write_report(cfg, stages, out)
+    write_report(cfg, stages, out, compute)
     return summary
+
+
+def matched_compute(out: Path, rl_cfg) -> dict:
+    """How many SFT steps cost what the RL stage cost, in forward-pass token equivalents (a token's
+    forward ≈ 2·params FLOPs, its backward twice that): RL = rollout tokens (prompt + completion, once
+    per rollout) + 3 × trained tokens per update (+1 each for old or reference log-probs); SFT = 3 ×
+    its tokens per step, averaged over the SFT stage."""
+    from posttrain.trainers.common import read_metrics
+
+    rl_rows = read_metrics(out / "rl" / "metrics.jsonl")
+    sft_rows = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if "tokens" in r]
+    if not rl_rows or not sft_rows or "trained_tokens" not in rl_rows[-1]:
+        raise PosttrainError(f"the control arm needs the token records of {out / 'sft'} and {out / 'rl'} (metrics.jsonl, "
+                             f"logged by this version); rerun those stages")
+    extra = (rl_cfg.num_iterations > 1) / rl_cfg.num_iterations + (rl_cfg.beta > 0) / rl_cfg.num_iterations
+    per_rl_step = sum(r["rollout_tokens"] / rl_cfg.num_iterations + (3 + extra) * r["trained_tokens"] for r in rl_rows) / len(rl_rows)
+    rl_units = per_rl_step * rl_rows[-1]["step"]  # logged rows stand for every step (logging_steps may skip some)
+    per_sft_step = 3 * sum(r["tokens"] for r in sft_rows) / len(sft_rows)
+    return {"rl_token_passes": round(rl_units), "sft_token_passes_per_step": round(per_sft_step),
+            "control_steps": max(1, math.ceil(rl_units / per_sft_step))}
 
 
 # ------------------------------------------------------------------------------------ statistics --
@@ -185,7 +222,62 @@ def _records(out: Path, name: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- report --
-def write_report(cfg: PipelineConfig, stages: list[dict], out: Path) -> None:
+STAGE_LABELS = {"base": "base", "sft": "SFT", "rl": "RL", "control": "control: SFT continued"}
+COMPARISONS = [("base", "sft"), ("sft", "rl"), ("sft", "control"), ("control", "rl")]
+
+
+def _plot_sft(plt, rows: list[dict], path: Path, held_out: str) -> None:
+    """Training loss (left) and held-out accuracy by step (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("loss", "training loss"), ("eval_loss", "held-out loss")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            left.plot(*zip(*pts), label=label, marker="o" if key == "eval_loss" else None)
+    left.set(xlabel="optimizer step", ylabel="loss per response token", title="SFT: loss")
+    left.legend(fontsize=8)
+    for key, label in (("eval_accuracy", "accuracy"), ("eval_strict_accuracy", "strict accuracy")):
+        pts = [(r["step"], 100 * r[key]) for r in rows if key in r]
+        if pts:
+            right.plot(*zip(*pts), marker="o", label=label)
+    right.set(xlabel="optimizer step", ylabel="accuracy (%)", title=f"SFT: {held_out} accuracy (greedy)", ylim=(0, 100))
+    if right.lines:
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no evaluations during SFT (eval_steps: 0)", ha="center", transform=right.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_rl(plt, rows: list[dict], path: Path, held_out: str, start: float | None = None) -> None:
+    """Reward (left) and accuracy (right): per-step values faint, their rolling mean ± 1 sd, and the
+    held-out accuracy of the evaluations during training as points (from ``start``, the SFT stage's
+    last one on the same problems, at step 0)."""
+    window = max(5, len(rows) // 8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, key, label in ((left, "reward_mean", "reward (mean over the step's completions)"),
+                           (right, "accuracy", "sampled completions correct")):
+        pts = [(r["step"], r[key] * (100 if ax is right else 1)) for r in rows if key in r]
+        if not pts:
+            continue
+        steps, vals = map(list, zip(*pts))
+        mean, sd = _rolling(vals, window)
+        ax.plot(steps, vals, color="C0", alpha=0.25, linewidth=0.7)
+        ax.plot(steps, mean, color="C0", label=f"{label}, rolling mean of {window} ± 1 sd")
+        ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], color="C0", alpha=0.2)
+    evals = ([(0, 100 * start)] if start is not None else []) + [(r["step"], 100 * r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    if evals:
+        right.plot(*zip(*evals), "s--", color="black", label=f"{held_out} accuracy (greedy)")
+    left.set(xlabel="optimizer step", ylabel="reward", title="RL: reward")
+    right.set(xlabel="optimizer step", ylabel="accuracy (%)", title="RL: accuracy", ylim=(0, 100))
+    for ax in (left, right):
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # below the axes: never over the curves
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: PipelineConfig, stages: list[dict], out: Path, compute: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,70 +288,63 @@ def write_report(cfg: PipelineConfig, stages: list[dict], out: Path) -> None:
     names = [s["name"] for s in stages]
     acc = [100 * s["accuracy"] for s in stages]
     err = [[100 * (s["accuracy"] - s["ci95"][0]) for s in stages], [100 * (s["ci95"][1] - s["accuracy"]) for s in stages]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bars = ax.bar(names, acc, yerr=err, capsize=6, color=["#999", "#4a7", "#37c"][: len(names)])
+    fig, ax = plt.subplots(figsize=(1.6 * len(stages) + 2, 3.8))
+    colours = {"base": "#999", "sft": "#4a7", "rl": "#37c", "control": "#c84"}
+    bars = ax.bar([STAGE_LABELS[n].replace(": ", ":\n") for n in names], acc, yerr=err, capsize=6, color=[colours[n] for n in names])
     ax.bar_label(bars, labels=[f"{a:.1f}%" for a in acc], padding=3)
     ax.set_ylabel("accuracy (%), 95% CI")
     ax.set_xlabel("stage")
-    ax.set_title(f"{cfg.task}: held-out accuracy by stage (n = {stages[0]['n'] if stages else 0})")
+    ax.set_title(f"{cfg.task}: held-out accuracy by stage (n = {stages[0]['n'] if stages else 0}, greedy)")
     top = max([100 * s["ci95"][1] for s in stages] or [1])
     ax.set_ylim(0, 100 if top > 40 else top * 1.35)  # small accuracies stay readable
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
 
-    curves = {"sft_loss.png": ("sft", ["loss", "eval_loss"], "loss (response tokens)"),
-              "rl_reward.png": ("rl", ["reward_mean", "accuracy"], "per-step value, rolling mean ± 1 sd")}
-    for fname, (stage, keys, ylabel) in curves.items():
-        rows = read_metrics(out / stage / "metrics.jsonl")
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if not pts:
-                continue
-            steps, vals = map(list, zip(*pts))
-            if stage == "rl" and len(vals) >= 10:  # per-step rewards are noisy: show the trend and its spread
-                mean, sd = _rolling(vals, max(5, len(vals) // 10))
-                line, = ax.plot(steps, mean, label=f"{key} (rolling mean)", linestyle="-" if key == keys[0] else "--")
-                ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
-                                color=line.get_color(), alpha=0.2)
-                ax.plot(steps, vals, color=line.get_color(), alpha=0.25, linewidth=0.7)
-            else:
-                ax.plot(steps, vals, label=key, marker="o" if len(pts) < 20 else None)
-        evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-        if evals:
-            ax.plot(*zip(*evals), "s--", color="black", label="held-out accuracy")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        ax.set_title(f"{stage}: " + ("training loss" if stage == "sft" else "reward and sampled accuracy"))
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
+    plots = []
+    sft_rows, rl_rows = read_metrics(out / "sft" / "metrics.jsonl"), read_metrics(out / "rl" / "metrics.jsonl")
+    held_out = {k: "validation" if c.get("validation_size") else "test" for k, c in (("sft", cfg.sft), ("rl", cfg.rl))}
+    if sft_rows:
+        _plot_sft(plt, sft_rows, out / "sft.png", held_out["sft"])
+        plots.append("sft.png")
+    if rl_rows:
+        same = cfg.sft.get("validation_size") == cfg.rl.get("validation_size") and cfg.sft.get("eval_accuracy_samples") == cfg.rl.get("eval_samples")
+        sft_evals = [r["eval_accuracy"] for r in sft_rows if "eval_accuracy" in r]
+        _plot_rl(plt, rl_rows, out / "rl.png", held_out["rl"], sft_evals[-1] if same and sft_evals else None)
+        plots.append("rl.png")
 
     lines = [f"# posttrain pipeline: {cfg.model} on {cfg.task}", "",
              f"Prompt template `{cfg.prompt_style}`; RL algorithm `{cfg.rl_algo}`; greedy evaluation on the same held-out problems at every stage.", "",
              "| stage | accuracy | 95% CI | strict accuracy | n |", "|---|---|---|---|---|"]
     for s in stages:
-        lines.append(f"| {s['name']} | {100 * s['accuracy']:.1f}% | {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}% "
+        lines.append(f"| {STAGE_LABELS[s['name']]} | {100 * s['accuracy']:.1f}% | {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}% "
                      f"| {100 * s['strict_accuracy']:.1f}% | {s['n']} |")
+    if compute:
+        lines += ["", f"The control continued SFT for {compute['control_steps']} steps on the SFT stage's worked solutions: "
+                      f"{compute['control_steps'] * compute['sft_token_passes_per_step']:,} token passes against RL's "
+                      f"{compute['rl_token_passes']:,} (a pass: one token through a forward; a backward counts two)."]
     lines += ["", "## Paired significance (exact McNemar test on the same problems)", "",
               "| from → to | wrong→right | right→wrong | p-value |", "|---|---|---|---|"]
-    for prev, nxt in zip(names, names[1:]):
+    tests = {}
+    for prev, nxt in COMPARISONS:
+        if prev not in names or nxt not in names:
+            continue
         a = {r["id"]: r["correct"] for r in _records(out, prev)}
         b = {r["id"]: r["correct"] for r in _records(out, nxt)}
         ids = sorted(set(a) & set(b))
         up, down, p = mcnemar_exact([a[i] for i in ids], [b[i] for i in ids])
-        lines.append(f"| {prev} → {nxt} | {up} | {down} | {p:.2g} |")
-    lines += ["", "![accuracy](accuracy.png)", ""]
-    for fname in curves:
-        if (out / fname).exists():
-            lines.append(f"![{fname}]({fname})")
+        tests[prev, nxt] = (100 * (up - down) / max(1, len(ids)), p)
+        lines.append(f"| {STAGE_LABELS[prev]} → {STAGE_LABELS[nxt]} | {up} | {down} | {p:.2g} |")
+    if ("sft", "rl") in tests and ("control", "rl") in tests:
+        (gain, p_gain), (edge, p_edge) = tests["sft", "rl"], tests["control", "rl"]
+        verdict = ("RL's gain is more than more SFT would give" if edge > 0 and p_edge < 0.05 else
+                   "these problems do not show RL's gain to be more than more SFT would give")
+        lines += ["", f"Reading: RL − SFT = {gain:+.1f} points (p = {p_gain:.2g}); RL − control = {edge:+.1f} points "
+                      f"(p = {p_edge:.2g}): {verdict}."]
+    lines += ["", "![accuracy](accuracy.png)", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Sample generations", ""]
     for name in names:
-        lines.append(f"### {name}")
+        lines.append(f"### {STAGE_LABELS[name]}")
         for r in _records(out, name)[: cfg.samples_in_report]:
             mark = "correct" if r["correct"] else "wrong"
             lines += ["", f"**Q:** {r['question']}", "", "```", r["generation"].strip()[:600], "```",

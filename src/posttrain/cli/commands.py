@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -286,17 +287,17 @@ cmd_fetch.configure = _configure_fetch
 
 
 # ------------------------------------------------------------------------------------ pipeline --
-@command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate, with a report (default: configs/nano.yaml).")
+@command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate (→ control arm), with a report (default: configs/nano.yaml).")
 def cmd_pipeline(args):
-    from posttrain.pipeline import DEFAULT_CONFIG, load_pipeline_config, run_pipeline
+    from posttrain.pipeline import DEFAULT_CONFIG, STAGE_LABELS, load_pipeline_config, run_pipeline
 
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
-                                      "data_dir": args.data_dir, "rl_algo": args.algo})
+                                      "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control})
     summary = run_pipeline(cfg)
     print("\n| stage | accuracy | 95% CI | strict | n |\n|---|---|---|---|---|")
     for s in summary["stages"]:
-        print(f"| {s['name']} | {100 * s['accuracy']:.1f}% | {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}% "
+        print(f"| {STAGE_LABELS[s['name']]} | {100 * s['accuracy']:.1f}% | {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}% "
               f"| {100 * s['strict_accuracy']:.1f}% | {s['n']} |")
     print(f"\nreport: {cfg.output}/report.md")
 
@@ -308,6 +309,8 @@ def _configure_pipeline(p):
     p.add_argument("--task", help="task (overrides the config)")
     p.add_argument("--data-dir", help="GSM8K folder when the task is gsm8k")
     p.add_argument("--algo", help="RL algorithm: grpo, reinforce or rloo (overrides the config)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the control arm: SFT continued for as much compute as RL used (overrides the config)")
 
 
 cmd_pipeline.configure = _configure_pipeline

@@ -66,6 +66,15 @@ PROMPTS: dict[str, PromptTemplate] = {
             description="Seed 000: instruction prefix + question, answer after '####'.",
         ),
         PromptTemplate(
+            name="gsm8k_brief_v1",
+            style="plain",
+            instruction="Solve the problem step by step, then give the answer on the last line as #### N.\n",
+            question_format="{question}\n",
+            target_format="{reasoning}\n#### {answer}",
+            description="A one-line instruction, same answer line as gsm8k_plain_v1: short prompts for small models "
+                        "and CPUs (27 nano-gsm tokens against the seed's 88).",
+        ),
+        PromptTemplate(
             name="reasoning_tags_v1",
             style="chat",
             instruction=_SEED003_SYSTEM,

@@ -19,6 +19,7 @@ live on one rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from posttrain.trainers.common import (
     build_optimizer,
     build_scheduler,
     count_parameters,
+    data_splits,
     epoch_indices,
     load_policy,
     warmup_steps_for,
@@ -59,6 +61,9 @@ class RLConfig(TrainerOptions):
     """reinforce, grpo or rloo."""
     reward: list[str] = field(default_factory=lambda: ["correctness"])
     """Reward functions NAME[:WEIGHT] or path/file.py:function[:WEIGHT] (repeatable)."""
+    answers_only: bool = False
+    """Train on the problems' final answers alone: worked solutions are dropped before anything (reward
+    functions included) sees them, as with data that has answers but no solutions."""
     output: str = "runs/rl"
     """Output folder."""
     # -- rollouts
@@ -194,6 +199,15 @@ def prompts_for_step(n_prompts: int, step: int, per_step: int, seed: int, rank: 
     return epoch_indices(n_prompts, step, per_step, seed * 7919, rank, world)
 
 
+def training_problems(task, cfg: RLConfig) -> tuple[list, list]:
+    """(the problems RL learns from, the held-out problems of its evaluations during training). With
+    ``answers_only`` the worked solutions are dropped first: no reward function can see one."""
+    examples, held_out = data_splits(task, cfg)
+    if cfg.answers_only:
+        examples = [dataclasses.replace(ex, response="") for ex in examples]
+    return examples, held_out[: cfg.eval_samples] if cfg.eval_steps and cfg.eval_samples else []
+
+
 def collect_rollouts(engine, prompts: Prompts, rollout_index: int, cfg: RLConfig, params, rank: int, world: int) -> Rollout:
     """Step 1, sample: this rank's prompts for the step, G completions each, from the engine's
     current copy of the policy."""
@@ -326,8 +340,7 @@ def train(cfg: RLConfig) -> dict:
 
     # -- data, rewards, models, optimizer, the run's one engine
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
-    examples = task.examples("train", cfg.train_limit)
-    eval_examples = task.examples("test")[: cfg.eval_samples] if cfg.eval_steps and cfg.eval_samples else []
+    examples, eval_examples = training_problems(task, cfg)
     reward_fns = [parse_reward(r) for r in cfg.reward]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     texts = [task.prompt_text(ex, tokenizer) for ex in examples]
@@ -344,7 +357,7 @@ def train(cfg: RLConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, cfg.max_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps, {"resolved": cfg.spec})
     policy = run.accelerator.unwrap_model(model)
-    engine = make_engine(cfg.engine, policy, tokenizer, cfg.rollout_batch_size)
+    engine = make_engine(cfg.engine, policy, tokenizer, max(cfg.rollout_batch_size, cfg.eval_batch_size if eval_examples else 0))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
 
     synced = run.step  # the engine samples from the policy as it was at this step
@@ -399,6 +412,9 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
         "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
         "truncation_rate": sum(c.finish_reason == "length" for c in comps) / len(comps),
         "trained_completions": len(batch.input_ids),
+        # tokens through the engine (prompt + completion per sample) and through the update: the compute record
+        "rollout_tokens": sum(len(prompts.ids[i]) + len(c.token_ids) for i, c in zip(rollout.prompt_idx, comps)) * world,
+        "trained_tokens": int(batch.attention_mask.sum().item()) * world,
         "rollout_tokens_per_s": float(lengths.sum()) * world / max(rollout.seconds, 1e-9),
         "train_tokens_per_s": int(batch.attention_mask.sum().item()) * world / max(train_s, 1e-9),
     }

@@ -27,6 +27,7 @@ from posttrain.trainers.common import (
     build_optimizer,
     build_scheduler,
     count_parameters,
+    data_splits,
     epoch_indices,
     load_policy,
     warmup_steps_for,
@@ -66,7 +67,7 @@ class SFTConfig(TrainerOptions):
     eval_steps: int = 25
     """Evaluate every N steps (0 disables); the seed's 25."""
     eval_examples: int = 100
-    """Held-out examples for the evaluation loss (the seed's 100)."""
+    """Held-out examples for the evaluation loss (the seed's 100; test split, or validation_size's set)."""
     eval_accuracy_samples: int = 64
     """Held-out problems graded by the evaluation harness at each evaluation (0 disables)."""
     eval_max_new_tokens: int = 300
@@ -217,8 +218,8 @@ def train(cfg: SFTConfig) -> dict:
     # -- data, model, optimizer
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, padding_side="left")
-    train_data, stats = tokenize_examples(task, task.examples("train", cfg.train_limit), tokenizer, cfg.max_len, cfg.truncation)
-    eval_examples = task.examples("test")
+    train_examples, eval_examples = data_splits(task, cfg)
+    train_data, stats = tokenize_examples(task, train_examples, tokenizer, cfg.max_len, cfg.truncation)
     eval_data, _ = tokenize_examples(task, eval_examples[: cfg.eval_examples], tokenizer, cfg.max_len, cfg.truncation) \
         if cfg.eval_steps and cfg.eval_examples else ([], {})
     run.log(f"data: {stats['examples']} training sequences; truncation={cfg.truncation}: "
@@ -261,6 +262,7 @@ def train(cfg: SFTConfig) -> dict:
         run.step += 1
         dt = time.perf_counter() - t0
         metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": run.step / steps_per_epoch,
+                   "tokens": sum(len(ex.input_ids) for ex in batch) * run.world,
                    "tokens_per_s": sum(len(ex.input_ids) for ex in batch) * run.world / dt,
                    "response_tokens": int(global_tokens.item()), "step_time_s": dt}
         if grad_norm is not None:
@@ -270,7 +272,7 @@ def train(cfg: SFTConfig) -> dict:
                 metrics["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
             if cfg.eval_accuracy_samples:
                 policy = acc.unwrap_model(model)
-                engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=64)
+                engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
                 engine.sync_weights(policy)
                 metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples],
                                              cfg.eval_max_new_tokens, acc))
