@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from posttrain.config import build_config, load_yaml
@@ -159,9 +159,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     compute = None
     if cfg.control:
         compute = matched_compute(out, rl_cfg)
-        control_cfg = build_config(type(sft_cfg), {**vars(sft_cfg), "model": str(out / "sft" / "model"), "output": str(out / "control"),
-                                                   "max_steps": compute["control_steps"], "warmup_steps": 0, "eval_steps": 0,
-                                                   "resume": False}, "control options")
+        control_cfg = replace(sft_cfg, model=str(out / "sft" / "model"), output=str(out / "control"),
+                               max_steps=compute["control_steps"], warmup_steps=0, eval_steps=0, resume=False)
         train("control", control_cfg, sft_trainer.train)
         evaluate("control")
 
@@ -302,15 +301,17 @@ def write_report(cfg: PipelineConfig, stages: list[dict], out: Path, compute: di
     plt.close(fig)
 
     plots = []
+    sft_cfg, rl_cfg, _ = stage_configs(cfg)
     sft_rows, rl_rows = read_metrics(out / "sft" / "metrics.jsonl"), read_metrics(out / "rl" / "metrics.jsonl")
-    held_out = {k: "validation" if c.get("validation_size") else "test" for k, c in (("sft", cfg.sft), ("rl", cfg.rl))}
     if sft_rows:
-        _plot_sft(plt, sft_rows, out / "sft.png", held_out["sft"])
+        _plot_sft(plt, sft_rows, out / "sft.png", "validation" if sft_cfg.validation_size else "test")
         plots.append("sft.png")
     if rl_rows:
-        same = cfg.sft.get("validation_size") == cfg.rl.get("validation_size") and cfg.sft.get("eval_accuracy_samples") == cfg.rl.get("eval_samples")
+        # The SFT stage's last held-out point is RL's step 0 when both evaluated the same problems.
+        same = (sft_cfg.validation_size, sft_cfg.eval_accuracy_samples) == (rl_cfg.validation_size, rl_cfg.eval_samples)
         sft_evals = [r["eval_accuracy"] for r in sft_rows if "eval_accuracy" in r]
-        _plot_rl(plt, rl_rows, out / "rl.png", held_out["rl"], sft_evals[-1] if same and sft_evals else None)
+        _plot_rl(plt, rl_rows, out / "rl.png", "validation" if rl_cfg.validation_size else "test",
+                 sft_evals[-1] if same and sft_evals else None)
         plots.append("rl.png")
 
     lines = [f"# posttrain pipeline: {cfg.model} on {cfg.task}", "",

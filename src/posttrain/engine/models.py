@@ -109,11 +109,11 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
         kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    prequantized = quantization_config is None and _prequantized(src.path)
-    if prequantized:  # e.g. posttrain merge --quantize-4bit: bitsandbytes places it at load time
+    # Quantizing now, or saved quantized (e.g. posttrain merge --quantize-4bit): bitsandbytes places it at load time.
+    placed_at_load = quantization_config is not None or _prequantized(src.path)
+    if placed_at_load:
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
@@ -122,7 +122,7 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     except (SafetensorError, RuntimeError, EOFError, KeyError) as e:  # damaged weight files
         raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
                              "the files are damaged or incomplete: copy or fetch the model again") from None
-    if quantization_config is None and not prequantized:
+    if not placed_at_load:
         model.to(dev)
     model.eval()
     return model

@@ -402,6 +402,7 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
     """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths, speed."""
     comps, rewards = rollout.completions, rollout.rewards
     lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
+    trained_tokens = int(batch.attention_mask.sum().item()) * world
     exs = [prompts.examples[i] for i in rollout.prompt_idx]
     return {
         **stats,
@@ -414,9 +415,9 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
         "trained_completions": len(batch.input_ids),
         # tokens through the engine (prompt + completion per sample) and through the update: the compute record
         "rollout_tokens": sum(len(prompts.ids[i]) + len(c.token_ids) for i, c in zip(rollout.prompt_idx, comps)) * world,
-        "trained_tokens": int(batch.attention_mask.sum().item()) * world,
+        "trained_tokens": trained_tokens,
         "rollout_tokens_per_s": float(lengths.sum()) * world / max(rollout.seconds, 1e-9),
-        "train_tokens_per_s": int(batch.attention_mask.sum().item()) * world / max(train_s, 1e-9),
+        "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
     }
 
 

@@ -261,9 +261,9 @@ def train(cfg: SFTConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         run.step += 1
         dt = time.perf_counter() - t0
+        tokens = sum(len(ex.input_ids) for ex in batch) * run.world
         metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": run.step / steps_per_epoch,
-                   "tokens": sum(len(ex.input_ids) for ex in batch) * run.world,
-                   "tokens_per_s": sum(len(ex.input_ids) for ex in batch) * run.world / dt,
+                   "tokens": tokens, "tokens_per_s": tokens / dt,
                    "response_tokens": int(global_tokens.item()), "step_time_s": dt}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
