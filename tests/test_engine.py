@@ -67,3 +67,18 @@ def test_stop_strings_in_generation(tiny_model, tiny_tokenizer):
     out = HFEngine(tiny_model, tiny_tokenizer, 4).generate(prompts, SamplingParams(max_new_tokens=16, stop=[stop]))
     assert stop not in out[0].text and out[0].finish_reason == "stop"
     assert text.startswith(out[0].text) and len(out[0].token_ids) < len(free[0].token_ids)
+
+
+def test_time_to_first_token_is_noted_once_from_process_start(tiny_model, tiny_tokenizer):
+    from posttrain.engine.fast import FastEngine
+    from posttrain.utils import process_age_s
+
+    prompts = _prompts(tiny_tokenizer, 4)
+    for engine in (HFEngine(tiny_model, tiny_tokenizer, 2), FastEngine(tiny_model, tiny_tokenizer, 2)):
+        assert engine.first_token_s is None
+        before = process_age_s()
+        engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        first = engine.first_token_s
+        assert before <= first <= process_age_s()  # the process age when the first token came
+        engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert engine.first_token_s == first  # the first token of the engine's life, not of each call

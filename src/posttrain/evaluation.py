@@ -17,7 +17,7 @@ from pathlib import Path
 from posttrain.engine.base import Engine, SamplingParams
 from posttrain.tasks.sources import Example
 from posttrain.tasks.task import Task
-from posttrain.utils import atomic_write, write_json
+from posttrain.utils import atomic_write, process_age_s, write_json
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -129,6 +129,9 @@ def format_summary(summary: dict) -> str:
         ("gen length mean/median", f"{summary['mean_gen_len']:.1f} / {summary['median_gen_len']:.0f}"),
         ("tokens/s", f"{summary['tokens_per_s']:.1f}  ({summary['engine']} engine, {summary['seconds']:.1f}s)"),
     ]
+    if summary.get("first_token_s_from_process_start") and summary.get("done_s_from_process_start"):
+        rows.append(("from process start", f"first token {summary['first_token_s_from_process_start']:.1f}s, "
+                                           f"done {summary['done_s_from_process_start']:.1f}s"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
@@ -198,17 +201,24 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     from posttrain.engine.registry import trained_on
     from posttrain.tasks import check_contamination, make_task
 
+    phases = {"imports_and_setup": process_age_s()}  # process age at each phase's end
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, fewshot=cfg.fewshot, data_dir=cfg.data_dir)
     check_contamination(trained_on(cfg.model), task.name, cfg.split)
     examples = task.examples(cfg.split, cfg.limit)
     params = cfg.sampling(task)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    phases["task_and_tokenizer"] = process_age_s()
     if model is None:
         model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    phases["model"] = process_age_s()
     engine = make_engine(cfg.engine, model, tokenizer, cfg.batch_size)
     result = evaluate(task, examples, engine, tokenizer, params, progress=progress)
     result.summary["model"] = cfg.model
+    # From process start, as a user waits: when each phase ended, the first token, the end.
+    result.summary["first_token_s_from_process_start"] = engine.first_token_s
+    result.summary["phases_end_s_from_process_start"] = phases
+    result.summary["done_s_from_process_start"] = process_age_s()
     if cfg.output:
         result.save(cfg.output)
     return result

@@ -104,6 +104,15 @@ class Engine:
 
     name = "engine"
     model = None
+    first_token_s: float | None = None
+    """Process age (``utils.process_age_s``) when this engine produced its first token: the time to
+    first token a user lives, imports, loading and any compilation included."""
+
+    def note_first_token(self) -> None:
+        if self.first_token_s is None:
+            from posttrain.utils import process_age_s
+
+            self.first_token_s = process_age_s()
 
     def check_lengths(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """One-line error when a prompt plus the completion budget does not fit the model's positions."""

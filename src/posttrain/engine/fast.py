@@ -465,6 +465,9 @@ class FastEngine(Engine):
         rows = torch.arange(n_rows, device=self.device).view(len(prompts), g)
         last_logits = self._prefill(prompts, st["caches_flat"], rows)  # [P, V]
         first, first_lp = self._sample(last_logits.repeat_interleave(g, 0), params)
+        if self.first_token_s is None:  # one host sync in the engine's life, to time the first token
+            first.cpu()
+            self.note_first_token()
         lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(g)
         st["tokens"][:n_rows] = first
         st["pos"][:n_rows] = lens

@@ -24,6 +24,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+class _FirstToken:
+    """A generate streamer that only notes when the first new token arrives (its second ``put``)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.calls = engine, 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.engine.note_first_token()
+
+    def end(self) -> None:
+        pass
+
+
 class HFEngine(Engine):
     name = "hf"
 
@@ -66,6 +81,8 @@ class HFEngine(Engine):
                 kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
             if self.cache_implementation:
                 kwargs["cache_implementation"] = self.cache_implementation
+            if self.first_token_s is None:
+                kwargs["streamer"] = _FirstToken(self)
             res = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
             new = res.sequences[:, input_ids.shape[1]:]
             lp = [None] * len(chunk)
