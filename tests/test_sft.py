@@ -389,3 +389,22 @@ def test_the_answer_marker_is_one_token(tiny_tokenizer):
     ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
     assert "####" in tiny_tokenizer.convert_ids_to_tokens(ids)
     assert tiny_tokenizer.decode(ids) == text
+
+
+def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
+    import posttrain.trainers.common as common
+
+    clock = iter(range(0, 10_000, 50))  # each look at the process age: 50 s later
+    monkeypatch.setattr(common, "process_age_s", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5))  # 150 s: a few steps, not six
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["stopped_by_max_minutes"] and 0 < state["step"] < 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))
+    assert all(r["time_s"] % 50 == 0 for r in rows)  # each step logs the process age at its end
+    assert (out / "checkpoints" / f"step-{state['step']}").is_dir() and (out / "adapter_model.safetensors").is_file()
+    monkeypatch.setattr(common, "process_age_s", lambda: 1.0)
+    train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5, resume=True))
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["step"] == 6 and "stopped_by_max_minutes" not in state

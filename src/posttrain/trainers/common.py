@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.utils import atomic_dir, check_writable, honour_umask, write_json, write_jsonl
+from posttrain.utils import atomic_dir, check_writable, honour_umask, process_age_s, write_json, write_jsonl
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora", "full")
@@ -390,7 +390,7 @@ def push_folder(folder: Path, repo: str) -> None:
 # Options a resumed run may change; any other change would make the saved config lie about the run.
 RESUMABLE = {"max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
              "report_to", "push_to_hub", "eval_samples", "eval_examples", "eval_accuracy_samples", "engine",
-             "rollout_batch_size", "eval_batch_size", "max_bad_steps"}
+             "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes"}
 
 
 def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int | None = None) -> dict | None:
@@ -501,6 +501,7 @@ class TrainingRun:
         self.nonfinite = NonFinite(cfg.max_bad_steps, self.is_main)
         self.step = 0
         self.last: dict = {}
+        self.out_of_time = False
 
     def log(self, *lines: str) -> None:
         if self.is_main:
@@ -533,9 +534,25 @@ class TrainingRun:
         self.stop = GracefulStop().__enter__()
         return model, optimizer, scheduler
 
+    def running(self) -> bool:
+        """Whether another step starts: steps remain and the --max-minutes budget (from process start,
+        decided on rank 0 so that every rank stops at the same step) is not spent."""
+        if self.step >= self.total_steps:
+            return False
+        if self.cfg.max_minutes is None:
+            return True
+        age = process_age_s()
+        spent = torch.tensor(float(age is not None and age > 60 * self.cfg.max_minutes and self.is_main), device=self.device)
+        if self.accelerator.reduce(spent, "max").item() > 0:
+            self.out_of_time = True
+            self.log(f"--max-minutes {self.cfg.max_minutes:g} spent: stopping at step {self.step} of {self.total_steps}")
+            return False
+        return True
+
     def end_step(self, metrics: dict, postfix: dict | None = None) -> None:
         """After an optimizer step (``self.step`` already advanced): log, checkpoint, honour a stop."""
         step, cfg = self.step, self.cfg
+        metrics["time_s"] = process_age_s()  # process age at the step's end: steps per minute as a user lives them
         if step % cfg.logging_steps == 0 or step == self.total_steps or any(k.startswith("eval_") for k in metrics):
             self.logger.log(step, metrics)
         self.last = metrics
@@ -566,7 +583,8 @@ class TrainingRun:
             self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
         save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model,
                                                                     "task": cfg.task, "trained_on": self.trained_on})
-        final = {"finished": True, "step": self.step, **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
+        final = {"finished": True, "step": self.step, **({"stopped_by_max_minutes": True} if self.out_of_time else {}),
+                 **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
         if self.is_main:
             write_json(self.output / "run_state.json", final)
         if cfg.push_to_hub and self.is_main:
@@ -676,6 +694,10 @@ class TrainerOptions:
     holds the larger of this and rollout_batch_size rows)."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
+    max_minutes: float | None = None
+    """Wall-clock budget from process start: no new step starts once it is spent; the model and a
+    checkpoint are saved as at a normal end (--resume continues). The learning-rate schedule still
+    spans --max-steps."""
 
     def _check_common(self) -> None:
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
@@ -685,7 +707,8 @@ class TrainerOptions:
                        "max_bad_steps": self.max_bad_steps >= 1, "train_limit": self.train_limit is None or self.train_limit >= 1,
                        "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
                        "save_steps": getattr(self, "save_steps", 0) >= 0, "eval_steps": getattr(self, "eval_steps", 0) >= 0,
-                       "save_total_limit": self.save_total_limit >= 0})
+                       "save_total_limit": self.save_total_limit >= 0,
+                       "max_minutes": self.max_minutes is None or self.max_minutes > 0})
         if self.mixed_precision not in MIXED_PRECISION:
             raise PosttrainError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         if self.method not in METHODS:

@@ -371,7 +371,7 @@ def train(cfg: RLConfig) -> dict:
         return engine
 
     rollout_index = run.step // cfg.num_iterations
-    while run.step < cfg.max_steps:
+    while run.running():
         policy.eval()
         rollout = collect_rollouts(current(engine), prompts, rollout_index, cfg, params, run.rank, run.world)  # 1. sample
         policy.train()

@@ -236,7 +236,7 @@ def train(cfg: SFTConfig) -> dict:
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, total_steps, {"data_stats": stats, "total_steps": total_steps})
     engine = None  # built at the first accuracy evaluation, then kept for the run
 
-    while run.step < total_steps:
+    while run.running():
         t0 = time.perf_counter()
         batch = step_batch(train_data, run.step, per_step, cfg.seed, run.rank, run.world)
         # The step's loss is the sum of its response tokens' NLL over the token count of the whole step
