@@ -17,6 +17,46 @@ LLAMA32_1B = dict(
 )
 
 
+# Llama-3.1-8B's published config (seed 003's model); random weights too.
+LLAMA31_8B = dict(LLAMA32_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                  rope_scaling=dict(LLAMA32_1B["rope_scaling"], factor=8.0))
+SHAPES = {"llama32-1b": LLAMA32_1B, "llama31-8b": LLAMA31_8B}
+
+
+def stand_in_tokenizer(texts, vocab_size: int = 128256):
+    """posttrain's byte-level BPE (8k merges) learned on ``texts``, padded with reserved special tokens
+    to the real model's vocabulary size, as Llama 3 pads its own: ids past the BPE decode to nothing."""
+    from tokenizers import AddedToken
+
+    from posttrain.tokenization import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(texts, vocab_size=8192)
+    tok.add_tokens([AddedToken(f"<|reserved_{i}|>", special=True, normalized=False) for i in range(vocab_size - len(tok))],
+                   special_tokens=True)
+    return tok
+
+
+def save_shape(name: str, out, texts, seed: int = 0) -> None:
+    """A model folder of a published shape with random bf16 weights and the stand-in tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**SHAPES[name])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16: an 8B model never exists in fp32
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.save_pretrained(out)
+    stand_in_tokenizer(texts, cfg.vocab_size).save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def llama32_1b(dtype=torch.bfloat16, device="cuda", seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

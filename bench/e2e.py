@@ -36,7 +36,10 @@ def run_case(name: str, args: list[str], env: dict, out: Path) -> dict:
         s = json.loads((out / "summary.json").read_text())
         row.update(generation_s=round(s["seconds"], 1), tokens_per_s=round(s["tokens_per_s"], 1), accuracy=s["accuracy"],
                    strict_accuracy=s["strict_accuracy"], n=s["n"], engine=s["engine"],
-                   start_overhead_s=round(wall - s["seconds"], 1))
+                   start_overhead_s=round(wall - s["seconds"], 1),
+                   first_token_s_from_process_start=s.get("first_token_s_from_process_start"),
+                   phases_end_s_from_process_start=s.get("phases_end_s_from_process_start"),
+                   done_s_from_process_start=s.get("done_s_from_process_start"))
     else:
         row["stderr_tail"] = r.stderr[-1500:]
     print(json.dumps(row), flush=True)
