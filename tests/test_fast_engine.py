@@ -237,8 +237,9 @@ class _Packed4bitLinear(torch.nn.Linear):
         if linear.bias is not None:
             self.bias = linear.bias
 
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight.quant_state, self.bias)
+    def forward(self, x):  # as Linear4bit: in the compute dtype, the output in the input's dtype
+        w = self.weight.quant_state
+        return torch.nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
 
 
 def _quantized_stand_in(model):
@@ -274,3 +275,25 @@ def test_4bit_base_is_served_from_dequantized_weights(tiny_tokenizer, monkeypatc
     engine = make_engine("auto", model, tiny_tokenizer, 4)
     assert engine.name == "fast"
     assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf]
+
+
+def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer, monkeypatch):
+    """After peft's prepare_model_for_kbit_training a QLoRA policy keeps embeddings, norms and lm_head
+    in fp32 around bf16 4-bit projections (the 8B run of seed 003 met this): the engine casts at those
+    modules and samples what it samples from the all-bf16 model those fp32 tensors were cast from."""
+    import posttrain.engine.fast as fast
+
+    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    bf16 = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))
+    prepared = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))  # the same weights
+    for name, p in prepared.named_parameters():
+        if p.dtype == torch.bfloat16 and "proj" not in name:  # what prepare_model_for_kbit_training upcasts
+            p.data = p.data.float()
+    assert prepared.model.embed_tokens.weight.dtype == prepared.lm_head.weight.dtype == torch.float32
+    prompts = _prompts(tiny_tokenizer, 4)
+    params = SamplingParams(max_new_tokens=20)
+    engine = make_engine("auto", prepared, tiny_tokenizer, 4)
+    assert engine.name == "fast" and engine.dtype == torch.bfloat16
+    got = [c.token_ids for c in engine.generate(prompts, params)]
+    want = [c.token_ids for c in make_engine("auto", bf16, tiny_tokenizer, 4).generate(prompts, params)]
+    assert got == want and len({tuple(t) for t in got}) > 1

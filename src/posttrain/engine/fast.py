@@ -110,6 +110,14 @@ def _dense(linear) -> tuple[torch.Tensor, bool]:
     return linear.weight, True
 
 
+def _compute_dtype(module) -> torch.dtype:
+    """The dtype a projection computes in: its dense weight's (a 4-bit weight's quant state records
+    the dtype it dequantizes to), through a PEFT wrapper to its base layer."""
+    linear = getattr(module, "base_layer", module)
+    state = getattr(linear.weight, "quant_state", None)
+    return state.dtype if state is not None else linear.weight.dtype
+
+
 def _linear_parts(module):
     """(weight, bias, LoRA adapters, whether the weight is the module's own tensor) of a projection: a
     plain or 4-bit ``nn.Linear`` (no adapters), or a PEFT LoRA layer with its active, unmerged adapters
@@ -207,7 +215,11 @@ class FastEngine(Engine):
         self.sync_every = sync_every
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (bounds its memory)
         self.device = next(model.parameters()).device
-        self.dtype = self.inner.embed_tokens.weight.dtype
+        # The projections' compute dtype. A QLoRA policy after peft's prepare_model_for_kbit_training
+        # keeps embeddings, norms and lm_head in fp32 around bf16 (dequantized) projections: the
+        # engine's residual stream and KV cache are in the projections' dtype, cast at those modules.
+        self.dtype = _compute_dtype(attn0.q_proj)
+        self.head_dtype = self.base.lm_head.weight.dtype
         self.use_graphs = (self.device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self._graphs: dict = {}
@@ -327,19 +339,19 @@ class FastEngine(Engine):
         p, width = ids.shape
         g = dest.shape[1]
         pos = torch.arange(width, device=ids.device)[None].expand(p, -1)
-        h = self.inner.embed_tokens(ids)
+        h = self.inner.embed_tokens(ids).to(self.dtype)
         cos, sin = self._rope(h, pos)
         for li, layer in enumerate(self.inner.layers):
-            q, k, v = self._qkv(li, layer, layer.input_layernorm(h), cos, sin)
+            q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)
             # Right padding + causal mask: real tokens never see the padding after them.
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
             h = h + self._o(li, layer, o.transpose(1, 2).reshape(p, width, -1))
-            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
             kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
             kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
             vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
         last = h[torch.arange(p, device=h.device), lens - 1]
-        return self.base.lm_head(self.inner.norm(last)).float()
+        return self.base.lm_head(self.inner.norm(last).to(self.head_dtype)).float()
 
     # ------------------------------------------------------------------------------------ decode --
     def _forward_step(self, tokens, pos, ar, caches, span: int):
@@ -348,18 +360,18 @@ class FastEngine(Engine):
         Pure tensor code (no host syncs): it is captured in a CUDA graph, optionally after
         torch.compile has fused its elementwise work."""
         n = tokens.shape[0]
-        h = self.inner.embed_tokens(tokens[:, None])  # [n, 1, D]
+        h = self.inner.embed_tokens(tokens[:, None]).to(self.dtype)  # [n, 1, D]
         cos, sin = self._rope(h, pos[:, None])
         for li, layer in enumerate(self.inner.layers):
-            q, k, v = self._qkv(li, layer, layer.input_layernorm(h), cos, sin)  # q [n, H, 1, d]
+            q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)  # q [n, H, 1, d]
             kc, vc = caches[2 * li], caches[2 * li + 1]
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
             # Grouped-query attention: each KV head is read once for the queries that share it.
             o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
             h = h + self._o(li, layer, o.reshape(n, 1, -1))
-            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
-        return self.base.lm_head(self.inner.norm(h[:, 0]))
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
+        return self.base.lm_head(self.inner.norm(h[:, 0]).to(self.head_dtype))
 
     def _decode(self, st: dict, n: int, span: int):
         """One decode step for rows [0, n): reads st['tokens'], st['pos'], writes st['next'],
