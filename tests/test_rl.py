@@ -445,3 +445,69 @@ def test_training_problems_offset_validation_and_answers_only():
         training_problems(task, RLConfig(train_offset=len(rows) - 30, validation_size=30))
     _, test_held_out = training_problems(task, RLConfig(eval_steps=5, eval_samples=7))
     assert [e.id for e in test_held_out] == [e.id for e in task.examples("test")[:7]]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_logprobs_equal_projection_then_softmax_and_never_hold_logits(bias):
+    from posttrain.losses.policy import linear_token_logprobs
+
+    torch.manual_seed(0)
+    n, t, d, v = 3, 29, 16, 2003
+    h0, w0 = torch.randn(n, t, d), torch.randn(v, d) / 4
+    b0 = torch.randn(v) if bias else None
+    tokens, weights = torch.randint(0, v, (n, t)), torch.randn(n, t)
+
+    def run(fused):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True) if bias else None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s.numel()) or s, lambda s: s):
+            if fused:
+                logp, ent = linear_token_logprobs(h, w, b, tokens, chunk_elements=n * v * 4)  # 8 chunks
+            else:
+                logp, ent = _reference_token_logprobs(torch.nn.functional.linear(h, w, b), tokens)
+        (logp * weights).sum().backward()
+        return logp.detach(), ent, h.grad, w.grad, b.grad if bias else None, max(saved)
+
+    ref, ours = run(False), run(True)
+    for a, r in zip(ours[:5], ref[:5]):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+    assert ref[5] >= n * t * v  # the unfused path keeps whole-batch logits for backward
+    assert ours[5] <= v * d  # the fused one nothing larger than the weight it was given
+
+
+def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_model, tiny_tokenizer):
+    """A LoRA policy under autocast: the hook-and-project path gives the model's own logits' values and
+    gradients, and the [N, L, V] logits are never formed."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.trainers import rl
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert rl.output_head(model) is model.get_base_model().lm_head
+    ids = torch.randint(5, len(tiny_tokenizer), (3, 17), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids)
+    attn[0, :4] = 0  # a left-padded row
+
+    def run(fused):
+        model.zero_grad(set_to_none=True)
+        head = rl.output_head
+        if not fused:
+            rl.output_head = lambda m: None
+        try:
+            logp, ent = rl.sequence_logprobs(model, ids, attn)
+        finally:
+            rl.output_head = head
+        logp.sum().backward()
+        return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ours = run(False), run(True)
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=1e-5)
+    assert ref[2].keys() == ours[2].keys() and len(ref[2]) == sum(p.requires_grad for p in model.parameters())
+    for k in ref[2]:
+        torch.testing.assert_close(ours[2][k], ref[2][k], atol=1e-5, rtol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # ------------------------------------------------------------------------------------ advantages --
 # Each takes rewards grouped as [num_groups, group_size] and returns advantages of the same shape.
@@ -214,3 +215,50 @@ class _TokenLogp(torch.autograd.Function):
         grad = torch.exp(x.float() - lse[..., None]).mul_(-grad_logp[..., None])  # -softmax · g
         grad.scatter_add_(-1, tok[..., None], grad_logp[..., None])  # + onehot · g
         return grad.to(x.dtype), None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
+                          chunk_elements: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` of ``logits = hidden @ weight.T + bias`` without the logits: the output
+    projection is fused into the chunks, so no [N, T, V] tensor exists at any time (neither the model's
+    logits nor their gradient), only one chunk's at a time.
+
+    hidden: [N, T, D] final hidden states, weight: [V, D] (the lm_head), tokens: [N, T]
+    -> (logp [N, T] fp32, entropy [N, T] fp32). Under autocast the projection runs in the autocast
+    dtype, as the model's own lm_head would."""
+    n, t, _ = hidden.shape
+    step = max(1, chunk_elements // max(1, n * weight.shape[0]))
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hidden.dtype, weight.dtype)
+    parts = [_LinearTokenLogp.apply(hidden[:, s:s + step], weight, bias, tokens[:, s:s + step], dtype) for s in range(0, t, step)]
+    return torch.cat([lp for lp, _ in parts], 1), torch.cat([ent for _, ent in parts], 1)
+
+
+class _LinearTokenLogp(torch.autograd.Function):
+    """``_TokenLogp`` of x = h Wᵀ + b for one chunk h [N, S, D]; x is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, tok, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            x32 = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+        lse = torch.logsumexp(x32, -1)
+        logp = x32.gather(-1, tok[..., None]).squeeze(-1) - lse
+        entropy = lse - (torch.exp(x32 - lse[..., None]) * x32).sum(-1)
+        ctx.save_for_backward(h, weight, bias, tok, lse)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, bias, tok, lse = ctx.saved_tensors
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            x = F.linear(h.to(ctx.dtype), w, None if bias is None else bias.to(ctx.dtype)).float()
+            grad = torch.exp(x - lse[..., None]).mul_(-grad_logp[..., None])  # -softmax · g
+            grad.scatter_add_(-1, tok[..., None], grad_logp[..., None])  # + onehot · g
+            grad = grad.to(ctx.dtype)
+            grad_h = (grad @ w).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = grad.flatten(0, -2).T.mm(h.to(ctx.dtype).flatten(0, -2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = grad.flatten(0, -2).sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None

@@ -27,7 +27,16 @@ import torch
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss, token_logprobs
+from posttrain.losses.policy import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    StepSize,
+    agg_token_mean,
+    linear_token_logprobs,
+    policy_loss,
+    token_logprobs,
+)
 from posttrain.tasks import make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
 from posttrain.trainers.common import (
@@ -279,11 +288,44 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
     return Batch(ids, attn, cmask, rollout.advantages[used])
 
 
+# Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after it.
+FUSED_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def output_head(model):
+    """The plain ``nn.Linear`` lm_head of ``model`` (through DDP/FSDP and PEFT wrappers) when its
+    logits are exactly that projection of the final hidden state, else None."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    family = getattr(getattr(inner, "config", None), "model_type", None)
+    return head if type(head) is torch.nn.Linear and family in FUSED_HEAD_FAMILIES else None
+
+
 def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1])."""
+    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]).
+
+    Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
+    empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk:
+    the [N, L, V] logits and their gradient never exist (the largest tensors of an RL step at a 128k
+    vocabulary). The forward still goes through ``model``, so DDP sees it."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
-    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    head = output_head(model)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+        return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    kept = {}
+
+    def keep_hidden(module, args):
+        kept["hidden"] = args[0]
+        return (args[0][:, :0],)
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+    finally:
+        handle.remove()
+    return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:])
 
 
 @torch.no_grad()
