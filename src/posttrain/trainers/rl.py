@@ -299,7 +299,12 @@ def output_head(model):
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     family = getattr(getattr(inner, "config", None), "model_type", None)
-    return head if type(head) is torch.nn.Linear and family in FUSED_HEAD_FAMILIES else None
+    if type(head) is not torch.nn.Linear or family not in FUSED_HEAD_FAMILIES:
+        return None
+    # FSDP shards parameters (a flat view of another size, or a DTensor): its lm_head is only whole
+    # inside the model's forward, so those runs keep the logits path.
+    whole = tuple(head.weight.shape) == (head.out_features, head.in_features) and type(head.weight.data) is torch.Tensor
+    return head if whole else None
 
 
 def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
