@@ -554,7 +554,7 @@ class TrainingRun:
         step, cfg = self.step, self.cfg
         metrics["time_s"] = process_age_s()  # process age at the step's end: steps per minute as a user lives them
         if self.device.type == "cuda":
-            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # since the run began
+            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # since the process began
         if step % cfg.logging_steps == 0 or step == self.total_steps or any(k.startswith("eval_") for k in metrics):
             self.logger.log(step, metrics)
         self.last = metrics
