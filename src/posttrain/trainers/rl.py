@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
@@ -198,8 +199,19 @@ class Batch:
     old_logp: torch.Tensor | None = None  # [B, L-1] at rollout time (num_iterations > 1)
     ref_logp: torch.Tensor | None = None  # [B, L-1] under the reference policy (beta > 0)
 
-    def micro_batches(self, size: int) -> list[slice]:
-        return [slice(i, i + size) for i in range(0, len(self.input_ids), size)]
+    def micro_batches(self, size: int) -> list[Batch]:
+        """Consecutive groups of ``size`` rows, each cut to its own longest row (rows are right-padded):
+        no micro-batch pays for another's longest completion."""
+        def cut(x, rows, w):
+            return None if x is None else x[rows, :w]
+
+        out = []
+        for i in range(0, len(self.input_ids), size):
+            rows = slice(i, i + size)
+            w = int(self.attention_mask[rows].sum(1).max())
+            out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
+                             self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1)))
+        return out
 
 
 # ------------------------------------------------------------------------------ the loop's steps --
@@ -307,18 +319,23 @@ def output_head(model):
     return head if whole else None
 
 
-def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]).
+def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]); with ``scored`` ([N, L-1], >0
+    where a value is needed: the completions' tokens), 0 at the other positions.
 
     Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
-    empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk:
-    the [N, L, V] logits and their gradient never exist (the largest tensors of an RL step at a 128k
-    vocabulary). The forward still goes through ``model``, so DDP sees it."""
+    empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk,
+    only the scored positions: the [N, L, V] logits and their gradient never exist (the largest tensors
+    of an RL step at a 128k vocabulary). The forward still goes through ``model``, so DDP sees it."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    where = scored > 0 if scored is not None else None
     head = output_head(model)
     if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
-        return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+        logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+        if where is None:
+            return logp, entropy
+        return logp.where(where, 0.0), entropy.where(where, 0.0)
     kept = {}
 
     def keep_hidden(module, args):
@@ -330,19 +347,22 @@ def sequence_logprobs(model, input_ids, attention_mask) -> tuple[torch.Tensor, t
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
     finally:
         handle.remove()
-    return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:])
+    return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:], where)
 
 
 @torch.no_grad()
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
-    log-probs (for the KL penalty), micro-batch by micro-batch."""
-    mbs = batch.micro_batches(cfg.per_device_batch_size)
+    log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
+    mbs, width = batch.micro_batches(cfg.per_device_batch_size), batch.completion_mask.shape[1]
+
+    def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, padded back to the batch's width
+        return torch.cat([F.pad(logp_of(mb), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
+
     if cfg.num_iterations > 1:
-        batch.old_logp = torch.cat([sequence_logprobs(model, batch.input_ids[s], batch.attention_mask[s])[0] for s in mbs])
+        batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0])
     if cfg.beta > 0:
-        batch.ref_logp = torch.cat([_reference_logprobs(model, ref_model, batch.input_ids[s], batch.attention_mask[s], accelerator)
-                                    for s in mbs])
+        batch.ref_logp = whole(lambda mb: _reference_logprobs(model, ref_model, mb, accelerator))
 
 
 def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[str, float]]:
@@ -351,22 +371,22 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
     spec, world = cfg.spec, accelerator.num_processes
     mbs = batch.micro_batches(cfg.per_device_batch_size)
-    step = StepSize.of([batch.completion_mask[s] for s in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
+    step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
-    for k, s in enumerate(mbs):
+    for k, mb in enumerate(mbs):
         # Gradients are all-reduced only after the last micro-batch of the step.
         sync = accelerator.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext()
         with sync, accelerator.autocast():
-            logp, entropy = sequence_logprobs(model, batch.input_ids[s], batch.attention_mask[s])
+            logp, entropy = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)
             loss, m = policy_loss(
-                logp, batch.old_logp[s] if batch.old_logp is not None else logp.detach(), batch.advantages[s],
-                batch.completion_mask[s], step, ref_logp=batch.ref_logp[s] if batch.ref_logp is not None else None,
+                logp, mb.old_logp if mb.old_logp is not None else logp.detach(), mb.advantages,
+                mb.completion_mask, step, ref_logp=mb.ref_logp,
                 beta=cfg.beta, kl_estimator=spec["kl_estimator"], eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
                 aggregation=spec["aggregation"], max_len=cfg.max_new_tokens)
         if not torch.isfinite(loss):
             return False, {}
         accelerator.backward(loss * world)  # DDP averages gradients over ranks; the shares add up over them
-        m["entropy"] = agg_token_mean(entropy.detach(), batch.completion_mask[s], step, 0)
+        m["entropy"] = agg_token_mean(entropy.detach(), mb.completion_mask, step, 0)
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v.detach().float()
     names = sorted(sums)
@@ -483,10 +503,10 @@ def _load_reference(cfg: RLConfig, tokenizer, device):
 
 
 @torch.no_grad()
-def _reference_logprobs(model, ref_model, ids, attn, accelerator) -> torch.Tensor:
+def _reference_logprobs(model, ref_model, mb: Batch, accelerator) -> torch.Tensor:
     """Reference log-probs: the explicit reference model, or the policy with its LoRA adapter off."""
     if ref_model is not None:
-        return sequence_logprobs(ref_model, ids, attn)[0]
+        return sequence_logprobs(ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]
     unwrapped = accelerator.unwrap_model(model)
     with unwrapped.disable_adapter():
-        return sequence_logprobs(model, ids, attn)[0]
+        return sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]
