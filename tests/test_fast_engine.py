@@ -297,3 +297,30 @@ def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer,
     got = [c.token_ids for c in engine.generate(prompts, params)]
     want = [c.token_ids for c in make_engine("auto", bf16, tiny_tokenizer, 4).generate(prompts, params)]
     assert got == want and len({tuple(t) for t in got}) > 1
+
+
+def test_prefill_and_rl_forwards_keep_cudnn_attention_off(tiny_model, tiny_tokenizer, monkeypatch):
+    """Variable-length attention runs without cuDNN's SDPA backend (its per-call host cost dominated
+    small-model RL steps on an H100): the engine's prefill and RL's log-prob forward both."""
+    import torch.nn.functional as F
+
+    from posttrain.trainers import rl
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        if q.shape[-2] > 1:  # prefill and training; one-query decode steps use their own kernel on GPUs
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    eng = FastEngine(tiny_model, tiny_tokenizer, batch_size=4)
+    eng.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=3, temperature=0.0))
+    n_prefill = len(seen)
+    ids = torch.randint(5, 100, (2, 9))
+    rl.sequence_logprobs(tiny_model, ids, torch.ones_like(ids))
+    assert n_prefill >= tiny_model.config.num_hidden_layers and len(seen) > n_prefill  # both paths called SDPA
+    assert not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and only there

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from posttrain.engine import kernels
 from posttrain.engine.base import Completion, Engine, SamplingParams, eos_token_ids, finish
+from posttrain.engine.models import sdpa_backends
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -330,7 +331,8 @@ class FastEngine(Engine):
             width = max(len(p) for p in chunk)
             ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=self.device)
             lens = torch.tensor([len(p) for p in chunk], device=self.device)
-            out.append(self._prefill_fwd(ids, lens, rows[start:stop], caches_flat))
+            with sdpa_backends():
+                out.append(self._prefill_fwd(ids, lens, rows[start:stop], caches_flat))
         return torch.cat(out)
 
     def _prefill_forward(self, ids, lens, dest, caches_flat):

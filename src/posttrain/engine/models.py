@@ -35,6 +35,16 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+def sdpa_backends():
+    """Context for PyTorch's scaled-dot-product attention over batches whose lengths change from call
+    to call (prefills, RL micro-batches): flash, memory-efficient or math kernels, not cuDNN's. On an
+    H100 PyTorch picks cuDNN's, which spent 1.8 ms of host time in each forward call and as much in
+    each backward: half a second of a SmolLM2 GRPO step, with the GPU waiting (bench/profile_rl.py)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on GPUs that support it, else fp32 (CPU bf16 matmuls are slow and inexact)."""
     if isinstance(dtype, torch.dtype):

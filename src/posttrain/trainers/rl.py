@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import require
+from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
 from posttrain.losses.policy import (
     ADVANTAGES,
@@ -331,7 +332,8 @@ def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[to
     where = scored > 0 if scored is not None else None
     head = output_head(model)
     if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+        with sdpa_backends():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
         logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:])
         if where is None:
             return logp, entropy
@@ -344,7 +346,8 @@ def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[to
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+        with sdpa_backends():
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
     finally:
         handle.remove()
     return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:], where)
