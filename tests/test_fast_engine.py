@@ -324,3 +324,54 @@ def test_prefill_and_rl_forwards_keep_cudnn_attention_off(tiny_model, tiny_token
     assert n_prefill >= tiny_model.config.num_hidden_layers and len(seen) > n_prefill  # both paths called SDPA
     assert not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # and only there
+
+
+def test_decode_step_runs_on_the_fused_kernels_and_stays_greedy_identical(tiny_model, tiny_tokenizer, monkeypatch):
+    """A Llama-family model decodes through kernels.add_rms_norm / rope_cache_write / silu_mul (their
+    references on CPU) with HF's greedy tokens; with the modules kept live it does not."""
+    from posttrain.engine import kernels
+
+    calls = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    prompts, params = _prompts(tiny_tokenizer)[:3], SamplingParams(max_new_tokens=12, logprobs=True)
+    hf = HFEngine(tiny_model, tiny_tokenizer, 8).generate(prompts, params)
+    fast = FastEngine(tiny_model, tiny_tokenizer, 8).generate(prompts, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in hf]
+    for a, b in zip(hf, fast):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    assert len(calls) >= (2 * tiny_model.config.num_hidden_layers + 1) * 11  # every decode step after the first token
+    calls.clear()
+    FastEngine(tiny_model, tiny_tokenizer, 8, merge_weights=False).generate(prompts, params)
+    assert not calls
+
+
+def test_fused_kernel_references_round_as_the_modules_do():
+    """In bf16, bit for bit: the references the Triton kernels follow equal transformers' RMSNorm (with
+    the residual add), rotary embedding and SiLU-gated MLP product."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from posttrain.engine import kernels
+
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    h, delta = torch.randn(5, 96, generator=g).to(bf), torch.randn(5, 96, generator=g).to(bf)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(bf)
+    norm.weight.data = torch.randn(96, generator=g).to(bf)
+    s, out = kernels.add_rms_norm_ref(h, delta, norm.weight, norm.variance_epsilon)
+    assert torch.equal(s, h + delta) and torch.equal(out, norm(h + delta))
+
+    n, heads, kv, d = 3, 4, 2, 16
+    qkv = torch.randn(n, (heads + 2 * kv) * d, generator=g).to(bf)
+    cos, sin = torch.randn(n, d, generator=g).to(bf), torch.randn(n, d, generator=g).to(bf)
+    kc, vc = torch.zeros(6, kv, 10, d, dtype=bf), torch.zeros(6, kv, 10, d, dtype=bf)
+    rows, pos = torch.tensor([4, 0, 2]), torch.tensor([7, 1, 3])
+    q = kernels.rope_cache_write_ref(qkv, cos, sin, kc, vc, rows, pos, heads, kv)
+    q0, k0, v0 = qkv.view(n, 1, heads + 2 * kv, d).transpose(1, 2).split([heads, kv, kv], 1)
+    q_hf, k_hf = apply_rotary_pos_emb(q0, k0, cos[:, None], sin[:, None])  # [n, H, 1, d]
+    assert torch.equal(q, q_hf[:, :, 0])
+    assert torch.equal(kc[rows, :, pos], k_hf[:, :, 0]) and torch.equal(vc[rows, :, pos], v0[:, :, 0])
+    assert kc.abs().sum() == kc[rows, :, pos].abs().sum()  # nothing else written
+
+    gu = torch.randn(n, 2 * 40, generator=g).to(bf)
+    assert torch.equal(kernels.silu_mul_ref(gu), torch.nn.functional.silu(gu[:, :40]) * gu[:, 40:])

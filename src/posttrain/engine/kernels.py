@@ -23,6 +23,11 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
   restarts with the rounds above (one program per row, fresh uniforms): restarting a rejection
   sampler keeps it exact, and the argmax fall-back now needs K·(ROUNDS + 1) rejections. All on the
   device, no host synchronisation.
+* ``add_rms_norm``, ``rope_cache_write``, ``silu_mul``: the elementwise work of a decode step, one
+  kernel each where PyTorch runs the modules' five to ten small ones (Llama-family RMSNorm with the
+  residual add before it; rotary embedding of q and k with the K/V cache writes; SiLU(gate) · up).
+  They round where the modules round (bf16 products, sums and casts in the same order), so greedy
+  decoding follows the modules' arithmetic; only the order of a norm's fp32 sum of squares differs.
 """
 
 from __future__ import annotations
@@ -64,6 +69,42 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     o = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n, :, :span], v_cache[:n, :, :span], attn_mask=mask,
                                        scale=scale, enable_gqa=h != k_cache.shape[1])
     return o[:, :, 0]
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-family RMSNorm as transformers computes it: fp32 statistics, the normalised row cast back
+    to x's dtype, then scaled by the weight. x [n, D] -> [n, D]."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(h + delta, RMSNorm of it): a residual add and the next norm. ``delta`` None: no add."""
+    s = h if delta is None else h + delta
+    return s, rms_norm_ref(s, weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cache_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """qkv [n, (H + 2·Hkv)·d] (one new token per row), cos/sin [n, d] -> q [n, H, d] with the rotary
+    embedding applied; k (rotated) and v are written to the caches [R, Hkv, L, d] at (rows, :, pos)."""
+    n, d = qkv.shape[0], cos.shape[-1]
+    q, k, v = qkv.view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], 1)
+    c, s = cos[:, None], sin[:, None]
+    k_cache[rows, :, pos] = k * c + _rotate_half(k) * s
+    v_cache[rows, :, pos] = v
+    return q * c + _rotate_half(q) * s
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up of the gate|up projection [n, 2I] -> [n, I]."""
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
 
 
 def sample_ref(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor):
@@ -316,6 +357,101 @@ if triton is not None:
         xt = tl.load(base + tok).to(tl.float32) * inv_t
         tl.store(Tok + row, tok.to(tl.int64))
         tl.store(Logp + row, xt - lse)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(H, Delta, W, Hout, Out, s_h, s_d, s_ho, s_o, D, eps,
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(H + r * s_h + cols, mask=m, other=0.0)
+        if HAS_DELTA:  # the residual add, rounded to the stream's dtype as PyTorch's add is
+            x = (x.to(tl.float32) + tl.load(Delta + r * s_d + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(Hout + r * s_ho + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        y = (xf * (1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps))).to(x.dtype)
+        w = tl.load(W + cols, mask=m, other=0.0)
+        tl.store(Out + r * s_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=m)
+
+    @triton.jit
+    def _rope_cache_write_kernel(QKV, Cos, Sin, Q, Kc, Vc, Rows, Pos, s_qkv, s_c, s_qn, s_qh,
+                                 s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        r = tl.program_id(0)
+        j = tl.program_id(1)  # head slot: q heads, then k heads, then v heads
+        cols = tl.arange(0, D)
+        base = QKV + r * s_qkv + j * D
+        x = tl.load(base + cols)
+        if j < H + HKV:  # q*cos + rotate_half(q)*sin, each product and the sum rounded as in PyTorch
+            xr = tl.load(base + (cols + D // 2) % D).to(tl.float32)
+            xr = tl.where(cols < D // 2, -xr, xr)
+            c = tl.load(Cos + r * s_c + cols).to(tl.float32)
+            s = tl.load(Sin + r * s_c + cols).to(tl.float32)
+            t1 = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+            t2 = (xr * s).to(x.dtype).to(tl.float32)
+            x = (t1 + t2).to(x.dtype)
+        if j < H:
+            tl.store(Q + r * s_qn + j * s_qh + cols, x)
+        else:
+            row = tl.load(Rows + r)
+            p = tl.load(Pos + r)
+            if j < H + HKV:
+                tl.store(Kc + row * s_kn + (j - H) * s_kh + p * s_kl + cols, x)
+            else:
+                tl.store(Vc + row * s_vn + (j - H - HKV) * s_vh + p * s_vl + cols, x)
+
+    @triton.jit
+    def _silu_mul_kernel(GU, Out, s_gu, s_o, I, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        g = tl.load(GU + r * s_gu + cols, mask=m, other=0.0)
+        u = tl.load(GU + r * s_gu + I + cols, mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu, rounded to the input's dtype
+        tl.store(Out + r * s_o + cols, (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(h + delta, RMSNorm(h + delta)) of rows [n, D] in one kernel on CUDA (``delta`` None: the norm
+    alone, h returned as is); ``add_rms_norm_ref`` elsewhere."""
+    if not triton_ready(h.device):
+        return add_rms_norm_ref(h, delta, weight, eps)
+    n, d = h.shape
+    out = torch.empty_like(h)
+    s = torch.empty_like(h) if delta is not None else h
+    dl = delta if delta is not None else h
+    _add_rms_norm_kernel[(n,)](h, dl, weight, s, out, h.stride(0), dl.stride(0), s.stride(0), out.stride(0), d, float(eps),
+                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(d), num_warps=4)
+    return s, out
+
+
+def rope_cache_write(qkv, cos, sin, k_cache, v_cache, rows, pos, heads: int, kv_heads: int) -> torch.Tensor:
+    """``rope_cache_write_ref`` in one kernel on CUDA: q [n, H, d] out, k and v into the caches."""
+    d = cos.shape[-1]
+    if not triton_ready(qkv.device) or d & (d - 1):
+        return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, rows, pos, heads, kv_heads)
+    n = qkv.shape[0]
+    q = torch.empty((n, heads, d), dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_write_kernel[(n, heads + 2 * kv_heads)](
+        qkv, cos, sin, q, k_cache, v_cache, rows, pos, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        H=heads, HKV=kv_heads, D=d, num_warps=1)
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_mul_ref`` in one kernel on CUDA."""
+    if not triton_ready(gate_up.device):
+        return silu_mul_ref(gate_up)
+    n, two_i = gate_up.shape
+    i = two_i // 2
+    out = torch.empty((n, i), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(n, triton.cdiv(i, block))](gate_up, out, gate_up.stride(0), out.stride(0), i, BLOCK=block, num_warps=4)
+    return out
 
 
 def _splits(n: int, hkv: int, span: int, block_n: int) -> int:
