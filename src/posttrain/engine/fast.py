@@ -68,11 +68,6 @@ def supports(model) -> tuple[bool, str]:
     return True, ""
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log-sum-exp of logits / T in fp32. [n, V] -> [n]"""
     return torch.logsumexp(logits.float() / temperature, dim=-1)
@@ -238,7 +233,8 @@ class FastEngine(Engine):
             # its steady-state gain is 1.5x decode on the 1B shape (bench/e2e.py, bench/rollout.py;
             # BENCHMARKS.md). POSTTRAIN_COMPILE=1 turns it on for long runs, where it pays.
             compile = os.environ.get("POSTTRAIN_COMPILE", "0") == "1"
-        if self.device.type == "cuda" and compile:
+        self.compiled = bool(self.device.type == "cuda" and compile)  # a plain bool: read inside the traced step
+        if self.compiled:
             # Fuse the many small elementwise kernels (norms, rotary, residuals, activations).
             self._fwd = torch.compile(self._forward_step, dynamic=True)
             self._prefill_fwd = torch.compile(self._prefill_forward, dynamic=True)
@@ -296,8 +292,8 @@ class FastEngine(Engine):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, d]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + kernels.rotate_half(q) * sin
+        k = k * cos + kernels.rotate_half(k) * sin
         return q, k, v
 
     def _o(self, li, layer, x):
@@ -361,7 +357,7 @@ class FastEngine(Engine):
         """Whether the decode step can run on the fused elementwise kernels (``_fused_step``): merged
         inference weights, no torch.compile (which fuses by itself), Llama-family RMSNorms in the
         projections' dtype, SiLU, no per-head q/k norms (Qwen3), a power-of-two head size."""
-        if self._w is None or self._fwd != self._forward_step:
+        if self._w is None or self.compiled:
             return False
         layers = self.inner.layers
         norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.inner.norm]

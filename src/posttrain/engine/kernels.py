@@ -84,7 +84,8 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     return s, rms_norm_ref(s, weight, eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension: the rotary embedding's pairing (Llama family)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -96,9 +97,9 @@ def rope_cache_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     n, d = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], 1)
     c, s = cos[:, None], sin[:, None]
-    k_cache[rows, :, pos] = k * c + _rotate_half(k) * s
+    k_cache[rows, :, pos] = k * c + rotate_half(k) * s
     v_cache[rows, :, pos] = v
-    return q * c + _rotate_half(q) * s
+    return q * c + rotate_half(q) * s
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
