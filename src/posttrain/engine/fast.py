@@ -224,6 +224,7 @@ class FastEngine(Engine):
         self._cache_shape = None
         self.merge_weights = merge_weights
         self._w = None  # per layer {"qkv", "o", "gu", "down"}: _Proj, built at the first generate
+        self._fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
         self._fwd, self._prefill_fwd, self._lse_impl = self._forward_step, self._prefill_forward, _lse
@@ -265,6 +266,7 @@ class FastEngine(Engine):
                     return
                 layers.append({k: _Proj(mods) for k, mods in groups.items()})
             self._w = layers  # built before any graph is captured: nothing to drop
+            self._fused = self._fusable()
             return
         if any([p.refresh() for w in self._w for p in w.values()]):
             self._drop_graphs()
@@ -354,10 +356,11 @@ class FastEngine(Engine):
 
     # ------------------------------------------------------------------------------------ decode --
     def _fusable(self) -> bool:
-        """Whether the decode step can run on the fused elementwise kernels (``_fused_step``): merged
-        inference weights, no torch.compile (which fuses by itself), Llama-family RMSNorms in the
-        projections' dtype, SiLU, no per-head q/k norms (Qwen3), a power-of-two head size."""
-        if self._w is None or self.compiled:
+        """Whether the decode step can run on the fused elementwise kernels (``_fused_step``), asked once
+        when the merged inference weights are built: no torch.compile (which fuses by itself),
+        Llama-family RMSNorms in the projections' dtype, SiLU, no per-head q/k norms (Qwen3), a
+        power-of-two head size."""
+        if self.compiled:
             return False
         layers = self.inner.layers
         norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.inner.norm]
@@ -393,7 +396,7 @@ class FastEngine(Engine):
 
         Pure tensor code (no host syncs): it is captured in a CUDA graph, optionally after
         torch.compile has fused its elementwise work."""
-        if self._fusable():
+        if self._fused:
             return self._fused_step(tokens, pos, ar, caches, span)
         n = tokens.shape[0]
         h = self.inner.embed_tokens(tokens[:, None]).to(self.dtype)  # [n, 1, D]

@@ -245,11 +245,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     n, t, d = hidden.shape
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hidden.dtype, weight.dtype)
-    flat, tok = hidden.reshape(n * t, d), tokens.reshape(n * t)
-    idx = where.reshape(-1).nonzero()[:, 0] if where is not None else None
-    if idx is not None and len(idx) == 0:
-        idx = idx.new_zeros(1)  # score one position (masked out by the caller) so a backward pass still exists
-    if idx is not None:
+    flat, tok, idx = hidden.reshape(n * t, d), tokens.reshape(n * t), None
+    if where is not None:
+        idx = where.reshape(-1).nonzero()[:, 0]
+        if len(idx) == 0:
+            idx = idx.new_zeros(1)  # score one position (masked out by the caller) so a backward pass still exists
         flat, tok = flat.index_select(0, idx), tok.index_select(0, idx)
     step = max(1, chunk_elements // weight.shape[0])
     parts = [_LinearTokenLogp.apply(flat[s:s + step], weight, bias, tok[s:s + step], dtype) for s in range(0, len(flat), step)]
