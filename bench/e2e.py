@@ -43,14 +43,31 @@ def fresh_home(work: Path, name: str) -> str:
     return str(home)
 
 
-def run_case(name: str, args: list[str], env: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "posttrain", *args, "--output", str(out)]
+def timed(name: str, cmd: list[str], env: dict | None = None) -> tuple[dict, bool, float]:
+    """Run ``cmd`` as a fresh process from the repository root: (its row — case, wall clock around it,
+    return code, stderr's tail on failure —, whether it succeeded, the unrounded wall clock)."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row = {"case": name, "wall_s_from_process_start": round(wall, 1), "returncode": r.returncode,
-           "env": {k: v for k, v in env.items() if k.startswith(("POSTTRAIN", "TORCHINDUCTOR", "PYTHONDONT"))}}
-    if r.returncode == 0:
+    row = {"case": name, "wall_s_from_process_start": round(wall, 1), "returncode": r.returncode}
+    if r.returncode:
+        row["stderr_tail"] = r.stderr[-1500:]
+    return row, r.returncode == 0, wall
+
+
+def posttrain(args: list[str], out: Path) -> list[str]:
+    return [sys.executable, "-m", "posttrain", *args, "--output", str(out)]
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_case(name: str, args: list[str], env: dict, out: Path) -> dict:
+    row, ok, wall = timed(name, posttrain(args, out), {**env, "PYTHONPATH": str(ROOT / "src")})
+    row["env"] = {k: v for k, v in env.items() if k.startswith(("POSTTRAIN", "TORCHINDUCTOR", "PYTHONDONT"))}
+    if ok:
         s = json.loads((out / "summary.json").read_text())
         row.update(generation_s=round(s["seconds"], 1), tokens_per_s=round(s["tokens_per_s"], 1), accuracy=s["accuracy"],
                    strict_accuracy=s["strict_accuracy"], n=s["n"], engine=s["engine"],
@@ -58,10 +75,7 @@ def run_case(name: str, args: list[str], env: dict, out: Path) -> dict:
                    first_token_s_from_process_start=s.get("first_token_s_from_process_start"),
                    phases_end_s_from_process_start=s.get("phases_end_s_from_process_start"),
                    done_s_from_process_start=s.get("done_s_from_process_start"))
-    else:
-        row["stderr_tail"] = r.stderr[-1500:]
-    print(json.dumps(row), flush=True)
-    return row
+    return emit(row)
 
 
 def _steps(times: list[float]) -> dict:
@@ -71,36 +85,28 @@ def _steps(times: list[float]) -> dict:
             "median_step_s": round(statistics.median(gaps), 3) if gaps else None}
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run_grpo(name: str, args: list[str], env: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "posttrain", *args, "--output", str(out)]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
-    row = {"case": name, "wall_s_from_process_start": round(time.perf_counter() - t0, 1), "returncode": r.returncode}
-    if r.returncode == 0:
-        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        steps = [s for s in steps if "time_s" in s]
+    row, ok, _ = timed(name, posttrain(args, out), {**env, "PYTHONPATH": str(ROOT / "src")})
+    if ok:
+        steps = [s for s in _jsonl(out / "metrics.jsonl") if "time_s" in s]
         row.update(_steps([s["time_s"] for s in steps]), peak_gpu_mem_gib=max((s.get("gpu_mem_peak_gib") or 0) for s in steps),
                    completion_len_mean=round(statistics.mean(s["completion_len_mean"] for s in steps), 1))
-    else:
-        row["stderr_tail"] = r.stderr[-1500:]
-    print(json.dumps(row), flush=True)
-    return row
+    return emit(row)
 
 
 def run_trl(args, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "trl_grpo.py"), "--config", args.grpo_config, "--data-dir", args.data_dir,
            "--max-steps", str(args.grpo_steps), "--no-save", "--out", str(out), *(["--model", args.grpo_model] if args.grpo_model else [])]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    row = {"case": "trl", "wall_s_from_process_start": round(time.perf_counter() - t0, 1), "returncode": r.returncode}
-    if r.returncode == 0:
-        steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
+    row, ok, _ = timed("trl", cmd)
+    if ok:
         summary = json.loads((out / "summary.json").read_text())
-        row.update(_steps([s["time_s"] for s in steps]), peak_gpu_mem_gib=summary.get("peak_gpu_mem_gib"), trl=summary.get("trl_version"))
-    else:
-        row["stderr_tail"] = r.stderr[-1500:]
-    print(json.dumps(row), flush=True)
-    return row
+        row.update(_steps([s["time_s"] for s in _jsonl(out / "steps.jsonl")]), peak_gpu_mem_gib=summary.get("peak_gpu_mem_gib"),
+                   trl=summary.get("trl_version"))
+    return emit(row)
 
 
 def main():
