@@ -20,7 +20,8 @@ def test_mcnemar_by_hand():
     assert mcnemar_exact([True], [True])[2] == 1.0
 
 
-@pytest.mark.parametrize("name", ["nano.yaml", "pipeline_llama32_1b.yaml", "pipeline_grpo_llama31_8b.yaml"])
+@pytest.mark.parametrize("name", ["nano.yaml", "pipeline_llama32_1b.yaml", "pipeline_grpo_llama31_8b.yaml",
+                                  "pipeline_qwen25_coder_gsm8k.yaml"])
 def test_shipped_pipeline_configs_resolve(name):
     cfg = load_pipeline_config(ROOT / "configs" / name)
     sft, rl, evals = stage_configs(cfg)
@@ -43,6 +44,19 @@ def test_shipped_stage_configs_resolve(name):
     if name == "grpo_llama31_8b.yaml":
         assert (cfg.num_generations, cfg.beta, cfg.max_new_tokens, cfg.warmup_steps, cfg.method) == (4, 0.02, 256, 500, "qlora")
         assert cfg.reward == ["strict_format", "xml_count", "int_answer", "correctness"]
+
+
+def test_pipeline_seed_reaches_both_training_stages_and_reward_can_be_overridden(tmp_path):
+    cfg = load_pipeline_config(ROOT / "configs" / "pipeline_qwen25_coder_gsm8k.yaml", {"seed": 7, "output": str(tmp_path)})
+    sft, rl, _ = stage_configs(cfg)
+    assert (sft.seed, rl.seed) == (7, 7) and rl.reward == ["correctness", "strict_correctness"]
+    unseeded, _, _ = stage_configs(load_pipeline_config(ROOT / "configs" / "nano.yaml"))
+    assert unseeded.seed == 42  # the stage's own default when the pipeline sets none
+    from posttrain.cli.main import build_parser
+
+    args = build_parser().parse_args(["pipeline", "--config", "configs/pipeline_qwen25_coder_gsm8k.yaml", "--seed", "3",
+                                      "--reward", "random"])
+    assert (args.seed, args.reward) == (3, ["random"])
 
 
 def _tiny_pipeline(model_dir, out, **extra):

