@@ -47,14 +47,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import CATEGORIES, SHAPES, device_name, device_time, save, shape_model, sync, timed  # noqa: E402
+from common import CATEGORIES, SHAPES, copy_bandwidth, device_name, device_time, save, shape_model, sync, timed  # noqa: E402
 from posttrain.config import build_config, load_yaml  # noqa: E402
 from posttrain.engine import SamplingParams  # noqa: E402
 from posttrain.engine.base import Completion  # noqa: E402
@@ -290,7 +292,9 @@ def peaks(args) -> dict:
         source = "override" if bw is None else "table+override"
     bw = args.bandwidth * 1e12 if args.bandwidth else bw
     fl = args.tflops * 1e12 if args.tflops else fl
-    return {"bandwidth_Bps": bw, "flops_per_s": fl, "source": source}
+    # For context, not used in the floors: what a device-to-device copy reaches here.
+    copy = copy_bandwidth(1.0, 10) if torch.cuda.is_available() else None
+    return {"bandwidth_Bps": bw, "flops_per_s": fl, "source": source, "measured_copy_Bps": copy}
 
 
 def add_floor(row: dict, pk: dict) -> dict:
@@ -324,7 +328,8 @@ def print_table(result: dict) -> None:
     m, pk = result["meta"], result["peaks"]
     bw = f"{pk['bandwidth_Bps'] / 1e12:.2f} TB/s" if pk["bandwidth_Bps"] else "no bandwidth"
     fl = f"{pk['flops_per_s'] / 1e12:.4g} TFLOP/s" if pk["flops_per_s"] else "no FLOP rate"
-    print(f"\nroofline  {m['device']}  {bw}, {fl} dense bf16 ({pk['source']})  torch {m['torch']}  {m['date']}")
+    copy = f"; a copy here reaches {pk['measured_copy_Bps'] / 1e12:.2f} TB/s" if pk["measured_copy_Bps"] else ""
+    print(f"\nroofline  {m['device']}  {bw}, {fl} dense bf16 ({pk['source']}{copy})  torch {m['torch']}  {m['date']}")
     print("ms per step; decode: rows x mean context, tok/s = rows / step, gen tok/s = the whole generate call (prefill included);"
           "\nupdate: completions x (prompt + completion), tok/s = tokens through the layers / step")
     head = (f"{'phase':6} {'shape':20} {'rows':>8} {'ctx':>5} {'GB/step':>8} {'GFLOP':>8} {'floorBW':>8} {'floorFL':>8} "
@@ -422,53 +427,69 @@ def cases(args) -> list[tuple[str, dict | None, str | None, list[str]]]:
     return out
 
 
+def measure(name: str, spec: dict | None, folder: str | None, configs: list[str], args, record) -> None:
+    """Every decode row count, then every update config, of one model (random weights of ``spec``, or ``folder``)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = shape_model(spec, torch.bfloat16 if device == "cuda" else torch.float32, device) if spec else load_model(folder, "auto", device)
+    s = Shape.of(model)
+    say(f"{name}: {s.layer_params / 1e6:.1f}M layer + {s.vocab * s.hidden / 1e6:.1f}M lm_head parameters")
+    if "decode" in args.phases:
+        for rows in args.rows:
+            record(name, "decode", rows, partial(decode_case, model, s, rows, args))
+            gc.collect()  # the engine (its KV cache, graphs) goes
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if "update" not in args.phases:
+        return
+    with tempfile.TemporaryDirectory(prefix="roofline_") as tmp:
+        if folder is None:  # the trainer loads its policy from a folder: the random weights go to one
+            folder = tmp
+            model.save_pretrained(folder)
+        del model
+        gc.collect()
+        for config in configs:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            record(name, "update", config, partial(update_case, folder, config, args))
+            gc.collect()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    result = {"meta": meta(args), "peaks": peaks(args), "rows": []}
+    result = {"meta": meta(args), "peaks": peaks(args), "rows": [], "errors": []}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    say(f"{result['meta']['device']}: {len(cases(args))} model(s), rows {args.rows}, phases {args.phases} -> {args.json}")
+    todo = cases(args)
+    say(f"{result['meta']['device']}: {len(todo)} model(s), rows {args.rows}, phases {args.phases} -> {args.json}")
 
-    def record(row: dict) -> None:
-        result["rows"].append(add_floor(row, result["peaks"]))
-        save(args.json, result)  # what is measured so far survives a run cut short
+    def record(shape: str, phase: str, case, measure_fn) -> None:
+        """One case's row, or its error (reported; the other cases still run)."""
+        try:
+            row = add_floor({"shape": shape, **measure_fn()}, result["peaks"])
+        except Exception as e:  # e.g. out of memory at 1319 rows: the rest is still worth the GPU time
+            traceback.print_exc()
+            result["errors"].append({"shape": shape, "phase": phase, "case": case, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            say(f"  {phase} {shape} {case}: FAILED {result['errors'][-1]['error']}")
+            return
+        finally:
+            save(args.json, result)  # what is measured so far survives a run cut short
+        result["rows"].append(row)
+        save(args.json, result)
         pct = row["pct_of_floor"]
-        say(f"  {row['phase']} {row['shape']} {_rows(row)}: {row['achieved_ms']:.3f} ms/step"
-            + (f", {pct:.1f}% of the {row['bound']} floor ({row['floor_ms']:.3f} ms)" if pct else ""))
+        say(f"  {phase} {shape} {_rows(row)}: {row['achieved_ms']:.3f} ms/step"
+            + (f", {pct:.3g}% of the {row['bound']} floor ({row['floor_ms']:.3f} ms)" if pct else ""))
 
-    for name, spec, folder, configs in cases(args):
-        with tempfile.TemporaryDirectory(prefix="roofline_") as tmp:
-            model = shape_model(spec, dtype, device) if spec else load_model(folder, "auto", device)
-            s = Shape.of(model)
-            say(f"{name}: {s.layer_params / 1e6:.1f}M layer + {s.vocab * s.hidden / 1e6:.1f}M lm_head parameters")
-            if "decode" in args.phases:
-                for rows in args.rows:
-                    record({"shape": name, **decode_case(model, s, rows, args)})
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            if "update" in args.phases:
-                if folder is None:  # the trainer loads its policy from a folder: write the random weights to one
-                    folder = tmp
-                    model.save_pretrained(folder)
-                del model
-                gc.collect()
-                for config in configs:
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                    record({"shape": name, **update_case(folder, config, args)})
-                    gc.collect()
-            else:
-                del model
-        if device == "cuda":
+    for case in todo:
+        measure(*case, args, record)
+        gc.collect()
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print_table(result)
-    save(args.json, result)
+    for e in result["errors"]:
+        print(f"FAILED {e['phase']} {e['shape']} {e['case']}: {e['error']}")
     say(f"wrote {args.json}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)
