@@ -75,6 +75,7 @@ PEAKS = (
     ("H100 PCIe", 2.0e12, 756e12),
     ("H100", 3.35e12, 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
     ("A100-SXM4-80GB", 2.039e12, 312e12),
+    ("A100 80GB PCIe", 1.935e12, 312e12),
     ("A100", 1.555e12, 312e12),
 )
 DEFAULT_SHAPES = ("smollm2-135m", "qwen2.5-coder-0.5b", "llama32-1b")
@@ -336,7 +337,7 @@ def print_table(result: dict) -> None:
             f"{'achieved':>9} {'%floor':>7} {'bound':>7} {'tok/s':>9} {'gen tok/s':>9}")
     print(head)
     print("-" * len(head))
-    for r in result["rows"]:
+    for r in result["cases"]:
         decode = r["phase"] == "decode"
         ctx = f"{r['mean_context']:.0f}" if decode else "-"
         toks = r["decode_tokens_per_s"] if decode else r["tokens"] / r["achieved_ms"] * 1e3
@@ -349,7 +350,7 @@ def print_table(result: dict) -> None:
     head = f"{'phase':6} {'shape':20} {'rows':>8} " + " ".join(f"{LABELS[c]:>7}" for c in CATEGORIES) + f" {'gaps':>7} {'kernels':>8}"
     print(head)
     print("-" * len(head))
-    for r in result["rows"]:
+    for r in result["cases"]:
         by, a = r["profile"]["by_category_ms"], r["achieved_ms"]
         cells = " ".join(f"{100 * max(0.0, by[c]) / a:6.1f}%" for c in CATEGORIES)
         print(f"{r['phase']:6} {r['shape'][:20]:20} {_rows(r):>8} {cells} {100 * r['host_gaps_ms'] / a:6.1f}% {r['profile']['kernels']:8.0f}")
@@ -457,7 +458,7 @@ def measure(name: str, spec: dict | None, folder: str | None, configs: list[str]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = {"meta": meta(args), "peaks": peaks(args), "rows": [], "errors": []}
+    result = {"meta": meta(args), "peaks": peaks(args), "cases": [], "errors": []}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     todo = cases(args)
     say(f"{result['meta']['device']}: {len(todo)} model(s), rows {args.rows}, phases {args.phases} -> {args.json}")
@@ -473,7 +474,7 @@ def main(argv=None) -> dict:
             return
         finally:
             save(args.json, result)  # what is measured so far survives a run cut short
-        result["rows"].append(row)
+        result["cases"].append(row)
         save(args.json, result)
         pct = row["pct_of_floor"]
         say(f"  {phase} {shape} {_rows(row)}: {row['achieved_ms']:.3f} ms/step"
