@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--random-seed", type=int, default=1, help="seed of the random-reward arm")
     ap.add_argument("--no-random", action="store_true")
+    ap.add_argument("--grpo-only", action="store_true", help="also an arm with no SFT stage (GRPO from the base model, first seed)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--trl-minutes", type=float, default=5.0, help="TRL's wall-clock budget from its process start")
     ap.add_argument("--poll-s", type=float, default=5.0)
@@ -112,7 +113,12 @@ def main():
         out = work / "random"
         pipelines["random"] = (Arm("random", [*base, "--seed", str(args.random_seed), "--reward", "random",
                                               "--output", str(out)], work, env), out)
+    if args.grpo_only:
+        out = work / "grpo_only"
+        pipelines["grpo_only"] = (Arm("grpo_only", [*base, "--seed", str(args.seeds[0]), "--no-sft", "--output", str(out)],
+                                      work, env), out)
     cfg = load_yaml(args.config)
+    first = pipelines[f"seed{args.seeds[0]}"][0]
     sft_model = work / f"seed{args.seeds[0]}" / "sft" / "model"
     trl_out, trl_arm, trl_eval = work / "trl", None, None
     result = {"what": "bench/qwen_gsm8k.py", "command": " ".join(sys.argv), "config": args.config, "config_values": cfg,
@@ -147,10 +153,16 @@ def main():
     while True:
         for arm, _ in pipelines.values():
             arm.poll()
-        if not args.no_trl and trl_arm is None and (sft_model / "config.json").is_file():
+        # TRL starts from the first seed's SFT model as soon as it exists; from the base model (beside the GRPO-only
+        # arm) if that arm failed before making one.
+        start = sft_model if (sft_model / "config.json").is_file() else None
+        if start is None and args.grpo_only and first.wall_s is not None:
+            start = args.model or cfg["model"]
+        if not args.no_trl and trl_arm is None and start is not None:
             rl_yaml = trl_config(cfg, args.data_dir, work / "trl_rl_config.yaml")
+            result["trl_start_model"] = str(start)
             trl_arm = Arm("trl", [sys.executable, str(ROOT / "bench" / "trl_grpo.py"), "--config", str(rl_yaml), "--model",
-                                  str(sft_model), "--out", str(trl_out), "--max-minutes", str(args.trl_minutes)], work, env)
+                                  str(start), "--out", str(trl_out), "--max-minutes", str(args.trl_minutes)], work, env)
         if trl_arm is not None and trl_eval is None and trl_arm.poll() and trl_arm.proc.returncode == 0:
             ev = cfg.get("eval", {})
             trl_eval = Arm("eval_trl", [*py, "eval", "--model", str(trl_out / "model"), "--task", cfg.get("task", "gsm8k"),
@@ -163,7 +175,7 @@ def main():
         trl_done = args.no_trl or (trl_arm is not None and trl_arm.poll() and (trl_arm.proc.returncode != 0 or (
             trl_eval is not None and trl_eval.poll())))
         if not args.no_trl and trl_arm is None and done:
-            trl_done = True  # the first seed never made its SFT model: nothing for TRL to start from
+            trl_done = True  # nothing for TRL to start from
         if done and trl_done:
             break
         time.sleep(args.poll_s)

@@ -72,6 +72,18 @@ def _tiny_pipeline(model_dir, out, **extra):
     })
 
 
+def test_pipeline_without_sft_runs_rl_from_the_base_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "nosft"
+    with pytest.raises(PosttrainError, match="control arm continues the SFT stage"):
+        run_pipeline(_tiny_pipeline(tiny_model_dir, out, sft_stage=False, control=True))
+    assert not out.exists()  # refused before anything was written
+    summary = run_pipeline(_tiny_pipeline(tiny_model_dir, out, sft_stage=False))
+    assert [s["name"] for s in summary["stages"]] == ["base", "rl"] and not (out / "sft").exists()
+    assert json.loads((out / "rl" / "rl_config.json").read_text())["model"] == str(tiny_model_dir)
+    report = (out / "report.md").read_text()
+    assert "| base → RL |" in report and "| SFT" not in report
+
+
 def test_pipeline_end_to_end_and_rerun(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "pipe"
     summary = run_pipeline(_tiny_pipeline(tiny_model_dir, out))

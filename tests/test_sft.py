@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_model, run_cli
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_mean, masked_nll_sum
+from posttrain.trainers.common import read_metrics
 from posttrain.trainers.sft import SFTConfig, Tokenized, pack, pad_right, tokenize_examples, train
 
 
@@ -147,6 +148,29 @@ def test_nan_loss_skips_steps_then_stops_and_keeps_last_checkpoint(tiny_model_di
         train(_cfg(tiny_model_dir, tmp_path / "n", max_tokens_per_forward=300))
     assert capsys.readouterr().out.count("step skipped") == 3  # the same policy as RL: skip, then stop
     assert [p.name for p in (tmp_path / "n" / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
+
+
+def test_non_finite_gradients_under_a_finite_loss_never_reach_the_weights(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An overflow in backward (seen on a GPU: a finite loss, NaN gradients) skips the step instead of
+    writing NaN into every weight."""
+    import posttrain.trainers.sft as sft
+
+    real, calls = sft.masked_nll_sum, {"n": 0}
+
+    def overflowing_backward(logits, labels):
+        calls["n"] += 1
+        total, n = real(logits, labels)
+        if calls["n"] in (5, 6):  # both chunks of step 3 (two per step here): finite value, infinite gradient
+            t = logits.float().sum()
+            total = total + (t - t.detach()) * 3e38  # adds 0 to the value, 3e38 to every logit's gradient
+        return total, n
+
+    monkeypatch.setattr(sft, "masked_nll_sum", overflowing_backward)
+    train(_cfg(tiny_model_dir, tmp_path / "g", max_steps=4, save_steps=0))
+    assert capsys.readouterr().out.count("step skipped") == 1
+    rows = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "g").values())
 
 
 def test_qlora_without_bitsandbytes_fails_cleanly(tiny_model_dir, tmp_path):

@@ -51,6 +51,9 @@ class PipelineConfig:
     much compute as the RL stage used, evaluated like the other stages."""
     samples_in_report: int = 3
     """Sample generations shown per stage in report.md."""
+    sft_stage: bool = True
+    """Run the SFT stage; false: RL starts from the base model (the report has no SFT row, and the control
+    arm, which continues SFT, is not available)."""
     seed: int | None = None
     """Seed of the SFT and RL stages (and the control arm); unset: each stage's own (``seed`` in its options, else 42)."""
 
@@ -76,7 +79,8 @@ def stage_configs(cfg: PipelineConfig):
     rl_model_dir = out / "rl" / "model"
     seeded = {} if cfg.seed is None else {"seed": cfg.seed}
     sft = build_config(SFTConfig, {**common, **cfg.sft, **seeded, "model": cfg.model, "output": str(out / "sft")}, "sft options")
-    rl = build_config(RLConfig, {**common, **cfg.rl, **seeded, "algo": cfg.rl_algo, "model": str(sft_model_dir),
+    rl = build_config(RLConfig, {**common, **cfg.rl, **seeded, "algo": cfg.rl_algo,
+                                 "model": str(sft_model_dir) if cfg.sft_stage else cfg.model,
                                  "output": str(out / "rl")}, "rl options")
     evals = {}
     for name, model in (("base", cfg.model), ("sft", sft_model_dir), ("rl", rl_model_dir),
@@ -115,6 +119,8 @@ def _standalone(train_dir: Path, model_dir: Path, method: str) -> None:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     out = check_writable(cfg.output)
     sft_cfg, rl_cfg, evals = stage_configs(cfg)
+    if cfg.control and not cfg.sft_stage:
+        raise PosttrainError("the control arm continues the SFT stage: turn the SFT stage on (sft_stage: true) or the control off")
     if not Path(cfg.model).exists() and cfg.model.startswith(("models/", "./", "/", "runs/")):
         raise PosttrainError(f"base model folder {cfg.model} not found; run posttrain pretrain or point --model at one")
     resolve_model(cfg.model)  # a named model not fetched yet, or a missing .gguf: say so before any stage
@@ -155,8 +161,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from posttrain.trainers import sft as sft_trainer
 
     evaluate("base")
-    train("sft", sft_cfg, sft_trainer.train)
-    evaluate("sft")
+    if cfg.sft_stage:
+        train("sft", sft_cfg, sft_trainer.train)
+        evaluate("sft")
     train("rl", rl_cfg, rl_trainer.train)
     evaluate("rl")
     compute = None
@@ -225,7 +232,7 @@ def _records(out: Path, name: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- report --
 STAGE_LABELS = {"base": "base", "sft": "SFT", "rl": "RL", "control": "control: SFT continued"}
-COMPARISONS = [("base", "sft"), ("sft", "rl"), ("sft", "control"), ("control", "rl")]
+COMPARISONS = [("base", "sft"), ("sft", "rl"), ("base", "rl"), ("sft", "control"), ("control", "rl")]
 
 
 def _plot_sft(plt, rows: list[dict], path: Path, held_out: str) -> None:
@@ -331,8 +338,8 @@ def write_report(cfg: PipelineConfig, stages: list[dict], out: Path, compute: di
               "| from → to | wrong→right | right→wrong | p-value |", "|---|---|---|---|"]
     tests = {}
     for prev, nxt in COMPARISONS:
-        if prev not in names or nxt not in names:
-            continue
+        if prev not in names or nxt not in names or (prev, nxt) == ("base", "rl") and "sft" in names:
+            continue  # base → RL only where there is no SFT stage between them
         a = {r["id"]: r["correct"] for r in _records(out, prev)}
         b = {r["id"]: r["correct"] for r in _records(out, nxt)}
         ids = sorted(set(a) & set(b))

@@ -296,7 +296,7 @@ def cmd_pipeline(args):
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
                                       "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control,
-                                      "seed": args.seed})
+                                      "seed": args.seed, "sft_stage": args.sft})
     if args.reward:
         cfg.rl = {**cfg.rl, "reward": args.reward}
     summary = run_pipeline(cfg)
@@ -316,6 +316,8 @@ def _configure_pipeline(p):
     p.add_argument("--algo", help="RL algorithm: grpo, reinforce or rloo (overrides the config)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the control arm: SFT continued for as much compute as RL used (overrides the config)")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the SFT stage (--no-sft: RL starts from the base model; overrides the config)")
     p.add_argument("--seed", type=int, help="seed of the SFT and RL stages (overrides the config's)")
     p.add_argument("--reward", nargs="+", metavar="SPEC",
                    help="the RL stage's rewards (overrides the config's rl.reward), e.g. --reward random for a random-reward control arm")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -452,9 +453,11 @@ def train(cfg: RLConfig) -> dict:
         for _ in range(min(cfg.num_iterations, cfg.max_steps - run.step)):                       # 4. update
             t0 = time.perf_counter()
             finite, stats = update(model, batch, cfg, run.accelerator)
+            grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            # A finite loss can still have non-finite gradients (an overflow in backward): never step on those.
+            finite = finite and (grad_norm is None or math.isfinite(float(grad_norm)))
             if run.skip_step(finite, optimizer):
                 continue
-            grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

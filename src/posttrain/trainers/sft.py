@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import require
+from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
@@ -193,7 +194,7 @@ def held_out_loss(model, data: list[Tokenized], cfg: SFTConfig, pad_id: int, dev
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_backends():
         for chunk in forward_chunks(data[accelerator.process_index::accelerator.num_processes], cfg, pad_id, device):
             labels = chunk.pop("labels")
             nll, n = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
@@ -248,14 +249,16 @@ def train(cfg: SFTConfig) -> dict:
         for k, chunk in enumerate(chunks):
             labels = chunk.pop("labels")
             sync = acc.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # all-reduce after the last
-            with sync, acc.autocast():
+            with sync, acc.autocast(), sdpa_backends():
                 nll, _ = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
             acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
             loss_sum += nll.detach()
         step_loss = (acc.reduce(loss_sum, "sum") / global_tokens).item()
-        if run.skip_step(math.isfinite(step_loss), optimizer):
-            continue
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        # A finite loss can still have non-finite gradients (an overflow in backward): never step on those.
+        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        if run.skip_step(finite, optimizer):
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
