@@ -7,10 +7,10 @@ wall-clock budget, evaluated by posttrain's evaluator on the same 1319 problems.
     posttrain fetch qwen2.5-coder-0.5b-instruct     # once (--wheel DIR on a machine with no registry)
     python bench/qwen_gsm8k.py --data-dir ../shared/data/gsm8k --work /tmp/qwen --json bench/results/qwen_gsm8k_DEVICE_DATE.json
 
-Every arm is a fresh process timed from its start; the arms run at the same time, so each shares the
-GPU with the others: their wall times are upper bounds of a run alone (the JSON says how many ran at
-once). ``--status`` files under ``--work`` are rewritten as arms finish, so a caller can collect partial
-results. TRL needs ``trl`` and ``datasets`` installed; ``--no-trl`` skips that arm.
+Every arm is a fresh process timed from its start; the arms run at the same time (at most ``--at-once``,
+default 3; the rest wait their turn), so each shares the GPU with the others: their wall times are upper
+bounds of a run alone. ``--json`` is rewritten as arms finish, so a caller can collect partial results.
+TRL needs ``trl`` and ``datasets`` installed; ``--no-trl`` skips that arm.
 """
 
 from __future__ import annotations
@@ -34,25 +34,34 @@ STAGE_KEYS = ("accuracy", "strict_accuracy", "n", "ci95")
 
 
 class Arm:
-    """One process of the comparison: its command, log, and wall clock from its start."""
+    """One process of the comparison: its command, log, and wall clock from its start (``start`` runs it)."""
 
-    def __init__(self, name: str, cmd: list[str], work: Path, env: dict):
-        self.name, self.cmd = name, cmd
+    def __init__(self, name: str, cmd: list[str], work: Path, env: dict, start: bool = True):
+        self.name, self.cmd, self.env = name, cmd, env
         self.log = work / "logs" / f"{name}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.time()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.proc: subprocess.Popen | None = None
         self.wall_s: float | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and not self.poll()
 
     def poll(self) -> bool:
-        if self.wall_s is None and self.proc.poll() is not None:
+        if self.wall_s is None and self.proc is not None and self.proc.poll() is not None:
             self.wall_s = time.time() - self.t0
         return self.wall_s is not None
 
     def row(self) -> dict:
-        row = {"arm": self.name, "command": " ".join(self.cmd), "returncode": self.proc.poll(),
+        row = {"arm": self.name, "command": " ".join(self.cmd), "returncode": self.proc and self.proc.poll(),
                "wall_s_from_process_start": None if self.wall_s is None else round(self.wall_s, 1)}
-        if self.proc.poll():
+        if self.proc is not None and self.proc.poll():
             row["log_tail"] = self.log.read_text(errors="replace")[-1500:]
         return row
 
@@ -95,6 +104,8 @@ def main():
     ap.add_argument("--grpo-only", action="store_true", help="also an arm with no SFT stage (GRPO from the base model, first seed)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--trl-minutes", type=float, default=5.0, help="TRL's wall-clock budget from its process start")
+    ap.add_argument("--at-once", type=int, default=3, help="most arms running at once: on one H200, six at once ran out of "
+                    "memory (an SFT of this recipe holds ~38 GiB); the others wait their turn")
     ap.add_argument("--poll-s", type=float, default=5.0)
     args = ap.parse_args()
 
@@ -108,21 +119,21 @@ def main():
     pipelines: dict[str, tuple[Arm, Path]] = {}
     for seed in args.seeds:
         out = work / f"seed{seed}"
-        pipelines[f"seed{seed}"] = (Arm(f"seed{seed}", [*base, "--seed", str(seed), "--output", str(out)], work, env), out)
+        pipelines[f"seed{seed}"] = (Arm(f"seed{seed}", [*base, "--seed", str(seed), "--output", str(out)], work, env, start=False), out)
     if not args.no_random:
         out = work / "random"
         pipelines["random"] = (Arm("random", [*base, "--seed", str(args.random_seed), "--reward", "random",
-                                              "--output", str(out)], work, env), out)
+                                              "--output", str(out)], work, env, start=False), out)
     if args.grpo_only:
         out = work / "grpo_only"
         pipelines["grpo_only"] = (Arm("grpo_only", [*base, "--seed", str(args.seeds[0]), "--no-sft", "--output", str(out)],
-                                      work, env), out)
+                                      work, env, start=False), out)
     cfg = load_yaml(args.config)
     first = pipelines[f"seed{args.seeds[0]}"][0]
     sft_model = work / f"seed{args.seeds[0]}" / "sft" / "model"
     trl_out, trl_arm, trl_eval = work / "trl", None, None
     result = {"what": "bench/qwen_gsm8k.py", "command": " ".join(sys.argv), "config": args.config, "config_values": cfg,
-              "date": datetime.date.today().isoformat(), "arms_at_once": len(pipelines) + (0 if args.no_trl else 1)}
+              "date": datetime.date.today().isoformat(), "arms_at_once": args.at_once}
     try:
         import torch
 
@@ -153,6 +164,11 @@ def main():
     while True:
         for arm, _ in pipelines.values():
             arm.poll()
+        for arm, _ in pipelines.values():
+            busy = sum(a.running for a, _ in pipelines.values()) + (trl_arm.running if trl_arm else 0) + \
+                (trl_eval.running if trl_eval else 0)
+            if arm.proc is None and busy < args.at_once:
+                arm.start()
         # TRL starts from the first seed's SFT model as soon as it exists; from the base model (beside the GRPO-only
         # arm) if that arm failed before making one.
         start = sft_model if (sft_model / "config.json").is_file() else None
