@@ -375,3 +375,24 @@ def test_fused_kernel_references_round_as_the_modules_do():
 
     gu = torch.randn(n, 2 * 40, generator=g).to(bf)
     assert torch.equal(kernels.silu_mul_ref(gu), torch.nn.functional.silu(gu[:, :40]) * gu[:, 40:])
+
+
+# Sampled tokens of the tiny model as the engine drew them at 88a4a67 (before the engine was split into a
+# model adapter and a scheduler): a refactor keeps the RNG consumption, compaction and waves as they were.
+PINNED_SAMPLES = {
+    (6, 0.8, 0.9): [[180, 233, 342, 141, 94, 339, 337, 375, 300, 132], [258], [337, 96, 313, 329, 245, 330, 116, 68, 322, 50],
+                    [218, 358, 141, 282, 50, 156, 78, 317, 283, 345], [307, 258], [307, 258]],
+    (4, 1.0, 1.0): [[180, 191, 140, 117, 126, 291, 364, 367, 331, 121], [70, 161, 329, 97, 206, 115, 69, 160, 278, 277], [258], [258],
+                    [307, 258], [307, 90, 292, 247, 307, 315, 322, 339, 122, 331]],
+}
+
+
+@pytest.mark.parametrize("batch_size,temperature,top_p", list(PINNED_SAMPLES))
+def test_sampled_tokens_are_pinned(tiny_model, tiny_tokenizer, batch_size, temperature, top_p):
+    """Same seed, same tokens: one wave (batch 6) and two (batch 4), top-p and plain sampling, rows
+    finishing early (a frequent token declared EOS) so that compaction changes the rows sampled."""
+    tiny_model.generation_config.eos_token_id = 258
+    engine = FastEngine(tiny_model, tiny_tokenizer, batch_size, sync_every=2)
+    out = engine.generate(_prompts(tiny_tokenizer, 3), SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                                                      n=2, seed=7, logprobs=True))
+    assert [c.token_ids for c in out] == PINNED_SAMPLES[batch_size, temperature, top_p]
