@@ -56,14 +56,14 @@ def test_stop_strings(tiny_model, tiny_tokenizer):
 
 
 def test_prefill_chunks_bound_padded_tokens():
-    from posttrain.engine.fast import _prefill_chunks
+    from posttrain.engine.scheduler import prefill_chunks
 
     lengths = [5, 50, 3, 100, 7, 7, 7]
-    chunks = _prefill_chunks(lengths, 120)
+    chunks = prefill_chunks(lengths, 120)
     assert chunks == [(0, 2), (2, 3), (3, 4), (4, 7)]
     for a, b in chunks:  # padded size within budget (a lone prompt may exceed it)
         assert (b - a) * max(lengths[a:b]) <= 120 or b - a == 1
-    assert _prefill_chunks([500], 100) == [(0, 1)] and _prefill_chunks([], 10) == []
+    assert prefill_chunks([500], 100) == [(0, 1)] and prefill_chunks([], 10) == []
 
 
 class _StubTok:
@@ -187,7 +187,7 @@ def test_merged_projection_equals_the_modules(tiny_model):
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.engine.fast import _Proj
+    from posttrain.engine.projections import MergedProjection
 
     peft_model = get_peft_model(tiny_model, LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj"]))
     attn = peft_model.get_base_model().model.layers[0].self_attn
@@ -195,9 +195,9 @@ def test_merged_projection_equals_the_modules(tiny_model):
         attn.k_proj.lora_B["default"].weight.normal_(0, 1.0)
     peft_model.eval()
     base_before = attn.k_proj.base_layer.weight.clone()
-    proj = _Proj([attn.q_proj, attn.k_proj, attn.v_proj])
+    proj = MergedProjection([attn.q_proj, attn.k_proj, attn.v_proj])
     assert torch.equal(attn.k_proj.base_layer.weight, base_before)  # merging never writes into the model
-    o_proj = _Proj([attn.o_proj])
+    o_proj = MergedProjection([attn.o_proj])
     assert o_proj.own and o_proj.weight is attn.o_proj.weight  # a plain Linear is not copied
     x = torch.randn(3, 64)
     want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
@@ -255,9 +255,9 @@ def _quantized_stand_in(model):
 def test_4bit_base_is_served_from_dequantized_weights(tiny_tokenizer, monkeypatch, lora):
     """QLoRA policies: the engine dequantizes each 4-bit projection (never reads packed bytes as
     weights), merges the adapter in, and samples what HF generate samples on the same model."""
-    import posttrain.engine.fast as fast
+    import posttrain.engine.projections as projections
 
-    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
     model = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)))
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -281,9 +281,9 @@ def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer,
     """After peft's prepare_model_for_kbit_training a QLoRA policy keeps embeddings, norms and lm_head
     in fp32 around bf16 4-bit projections (the 8B run of seed 003 met this): the engine casts at those
     modules and samples what it samples from the all-bf16 model those fp32 tensors were cast from."""
-    import posttrain.engine.fast as fast
+    import posttrain.engine.projections as projections
 
-    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
     bf16 = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))
     prepared = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))  # the same weights
     for name, p in prepared.named_parameters():
