@@ -5,7 +5,8 @@ cache: ``prefill`` (right-padded prompts, all positions at once) and ``step`` (o
 Projections run on inference weights built at the first ``build_weights`` and refreshed by ``refresh``
 (a trainer's ``sync_weights``): q|k|v as one group and gate|up as one, so a decode step makes two GEMMs
 where it made five, each group a ``MergedProjection`` (LoRA merged in: an adapter being trained costs no
-extra GEMMs). ``merge_weights=False`` calls the model's modules instead (LoRA live). Norms,
+extra GEMMs) or, for a bitsandbytes 4-bit base served without a dense copy, a ``LowRankProjection``
+(``quantized_rollouts``). ``merge_weights=False`` calls the model's modules instead (LoRA live). Norms,
 MLP activation, rotary embedding and lm_head are always the model's own modules.
 
 On a Llama-family model the decode step runs on the fused elementwise kernels (``kernels.add_rms_norm``,
@@ -20,7 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.engine import kernels
-from posttrain.engine.projections import MergedProjection, compute_dtype, linear_parts
+from posttrain.engine.projections import (
+    LowRankProjection,
+    MergedProjection,
+    check_quantized_rollouts,
+    choose_quantized_path,
+    compute_dtype,
+    dense_copy_bytes,
+    linear_parts,
+)
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # weight · x / rms(x), the eps in variance_epsilon
@@ -51,10 +60,10 @@ def supports(model) -> tuple[bool, str]:
 class LayerProjections:
     """One decoder layer's projection groups."""
 
-    qkv: MergedProjection
-    o: MergedProjection
-    gu: MergedProjection
-    down: MergedProjection
+    qkv: MergedProjection | LowRankProjection
+    o: MergedProjection | LowRankProjection
+    gu: MergedProjection | LowRankProjection
+    down: MergedProjection | LowRankProjection
 
     def all(self):
         return (self.qkv, self.o, self.gu, self.down)
@@ -68,10 +77,11 @@ def _groups(layer) -> dict[str, list]:
 class ModelAdapter:
     """What the scheduler needs of a model: its KV shape and dtype, ``prefill`` and ``step``."""
 
-    def __init__(self, model, *, merge_weights: bool = True, compiled: bool = False):
+    def __init__(self, model, *, merge_weights: bool = True, compiled: bool = False, quantized_rollouts: str = "auto"):
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"fast engine does not support this model: {why}")
+        check_quantized_rollouts(quantized_rollouts)
         self.base = base_model(model)
         self.inner = self.base.model
         cfg = self.base.config
@@ -89,6 +99,8 @@ class ModelAdapter:
         self.dtype = compute_dtype(attn0.q_proj)
         self.head_dtype = self.base.lm_head.weight.dtype
         self.merge_weights = merge_weights
+        self.quantized_rollouts = quantized_rollouts
+        self.quantized_path: str | None = None  # "dequantized" or "4bit" once built, for a 4-bit base
         self.weights: list[LayerProjections] | None = None  # built at the first build_weights
         self.fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
         self.compiled = compiled  # a plain bool: read inside the traced step
@@ -109,11 +121,25 @@ class ModelAdapter:
         if self.built:
             return
         groups = [_groups(layer) for layer in self.inner.layers]
-        if any(linear_parts(mod) is None for g in groups for mods in g.values() for mod in mods):
+        parts = [linear_parts(mod) for g in groups for mods in g.values() for mod in mods]
+        if any(p is None for p in parts):
             self.merge_weights = False  # e.g. DoRA: call the modules instead
             return
-        self.weights = [LayerProjections(**{k: MergedProjection(mods) for k, mods in g.items()}) for g in groups]
+        if any(p.quantized for p in parts):
+            self.quantized_path, notice = choose_quantized_path(self.quantized_rollouts, self.copy_bytes(), self.dtype, self.device)
+            print(notice)
+
+        def projection(mods):
+            if self.quantized_path == "4bit" and any(linear_parts(m).quantized for m in mods):
+                return LowRankProjection(mods)
+            return MergedProjection(mods)
+
+        self.weights = [LayerProjections(**{k: projection(mods) for k, mods in g.items()}) for g in groups]
         self.fused = self._fusable()
+
+    def copy_bytes(self) -> int:
+        """What serving a 4-bit base from a dense copy costs over serving it from its 4-bit weights (0 without one)."""
+        return dense_copy_bytes([mods for layer in self.inner.layers for mods in _groups(layer).values()], self.dtype)
 
     def refresh(self) -> bool:
         """Bring the inference weights up to date with the model, which changed; True when a tensor
