@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import build_config, load_yaml
-from posttrain.trainers import common, rl
+from posttrain.trainers import rl, run
 from posttrain.utils import process_age_s
 
 PARTS = ("collect_rollouts", "score", "training_batch", "fill_logprobs", "update")
@@ -71,7 +71,7 @@ def main():
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                        schedule=schedule(wait=args.profile_step - 1, warmup=0, active=1, repeat=1))
         prof.start()
-    end_step = common.TrainingRun.end_step
+    end_step = run.TrainingRun.end_step
     last = {"t": None}
 
     def timed_end(self, metrics, postfix=None):
@@ -92,7 +92,7 @@ def main():
         if prof is not None:
             prof.step()
 
-    common.TrainingRun.end_step = timed_end
+    run.TrainingRun.end_step = timed_end
     rl.train(cfg)
     result = {"date": str(datetime.date.today()), "torch": torch.__version__, "config": args.config, "overrides": overrides,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": step_parts}

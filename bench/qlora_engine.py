@@ -21,7 +21,7 @@ from common import device_name, llama32_1b  # noqa: E402
 from posttrain.engine import SamplingParams, load_model  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
 from posttrain.engine.hf import HFEngine  # noqa: E402
-from posttrain.trainers.common import bnb_4bit_config  # noqa: E402
+from posttrain.trainers.setup import bnb_4bit_config  # noqa: E402
 
 
 class StubTokenizer:

@@ -121,8 +121,8 @@ def test_clipping_by_hand():
 
 def _step_gradient(model, batch, cfg):
     """The gradient of one optimizer step of ``update`` on ``batch`` (single process)."""
-    from posttrain.trainers.common import make_accelerator
     from posttrain.trainers.rl import update
+    from posttrain.trainers.run import make_accelerator
 
     model.zero_grad(set_to_none=True)
     finite, stats = update(model, batch, cfg, make_accelerator())
@@ -499,14 +499,14 @@ def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_mod
     gradients, and the [N, L, V] logits are never formed."""
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.trainers import rl
+    from posttrain.trainers import logprobs
 
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    assert rl.output_head(model) is model.get_base_model().lm_head
+    assert logprobs.output_head(model) is model.get_base_model().lm_head
     ids = torch.randint(5, len(tiny_tokenizer), (3, 17), generator=torch.Generator().manual_seed(1))
     attn = torch.ones_like(ids)
     attn[0, :4] = 0  # a left-padded row
@@ -515,13 +515,13 @@ def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_mod
 
     def run(fused):
         model.zero_grad(set_to_none=True)
-        head = rl.output_head
+        head = logprobs.output_head
         if not fused:
-            rl.output_head = lambda m: None
+            logprobs.output_head = lambda m: None
         try:
-            logp, ent = rl.sequence_logprobs(model, ids, attn, scored)
+            logp, ent = logprobs.sequence_logprobs(model, ids, attn, scored)
         finally:
-            rl.output_head = head
+            logprobs.output_head = head
         logp.sum().backward()
         return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -113,6 +113,22 @@ def evaluate(task: Task, examples: list[Example], engine: Engine, tokenizer, par
     return EvalResult(summary, records)
 
 
+def accuracy_eval(engine, tokenizer, task, examples, max_new_tokens: int, accelerator) -> dict:
+    """Greedy accuracy through the evaluation harness, on the run's own engine (whose weights the
+    caller has synced); problems sharded across ranks."""
+    from accelerate.utils import gather_object
+
+    shard = examples[accelerator.process_index::accelerator.num_processes]
+    was_training = engine.model.training
+    engine.model.eval()
+    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
+    engine.model.train(was_training)
+    records = gather_object(res.records)
+    n = max(1, len(records))
+    return {"eval_accuracy": sum(r["correct"] for r in records) / n,
+            "eval_strict_accuracy": sum(r["strict_correct"] for r in records) / n}
+
+
 def format_summary(summary: dict) -> str:
     """A small aligned table of the headline metrics."""
     rows = [

@@ -176,7 +176,7 @@ def matched_compute(out: Path, rl_cfg) -> dict:
     forward ≈ 2·params FLOPs, its backward twice that): RL = rollout tokens (prompt + completion, once
     per rollout) + 3 × trained tokens per update (+1 each for old or reference log-probs); SFT = 3 ×
     its tokens per step, averaged over the SFT stage."""
-    from posttrain.trainers.common import read_metrics
+    from posttrain.trainers.metrics import read_metrics
 
     rl_rows = read_metrics(out / "rl" / "metrics.jsonl")
     sft_rows = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if "tokens" in r]
@@ -282,7 +282,7 @@ def write_report(cfg: PipelineConfig, stages: list[dict], out: Path, compute: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from posttrain.trainers.common import read_metrics
+    from posttrain.trainers.metrics import read_metrics
 
     names = [s["name"] for s in stages]
     acc = [100 * s["accuracy"] for s in stages]

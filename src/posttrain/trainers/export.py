@@ -66,10 +66,25 @@ def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str
 def export_4bit(model_dir: Path, output: Path) -> Path:
     """Save a 4-bit NF4 (double-quantised) copy of a model folder, as seed 003 does."""
     from posttrain.engine.models import load_model, load_tokenizer
-    from posttrain.trainers.common import bnb_4bit_config
+    from posttrain.trainers.setup import bnb_4bit_config
 
     quant = load_model(str(model_dir), "bf16", "auto", quantization_config=bnb_4bit_config())
     with atomic_dir(output) as tmp:
         quant.save_pretrained(tmp)
         load_tokenizer(str(model_dir)).save_pretrained(tmp)
     return output
+
+
+def push_folder(folder: Path, repo: str) -> None:
+    """Upload a model/adapter folder to the hub, with a one-line error when offline or unauthorised."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo,
+                          ignore_patterns=["checkpoints/*", "tensorboard/*", "*.tmp*", ".*"])
+    except Exception as e:
+        raise PosttrainError(f"could not push to hub repo {repo!r} ({type(e).__name__}): check the network and "
+                             f"that HF_TOKEN (or `hf auth login`) grants write access") from None
+    print(f"pushed {folder} to https://huggingface.co/{repo}")

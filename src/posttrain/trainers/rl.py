@@ -27,32 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import require
-from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
-from posttrain.losses.policy import (
-    ADVANTAGES,
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    StepSize,
-    agg_token_mean,
-    linear_token_logprobs,
-    policy_loss,
-    token_logprobs,
-)
+from posttrain.evaluation import accuracy_eval
+from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss
 from posttrain.tasks import make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
-from posttrain.trainers.common import (
-    TrainerOptions,
-    TrainingRun,
-    accuracy_eval,
-    build_optimizer,
-    build_scheduler,
-    count_parameters,
-    data_splits,
-    epoch_indices,
-    load_policy,
-    warmup_steps_for,
-)
+from posttrain.trainers.data import data_splits, epoch_indices
+from posttrain.trainers.logprobs import reference_logprobs, sequence_logprobs
+from posttrain.trainers.run import TrainingRun
+from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, load_reference, warmup_steps_for
 from posttrain.utils import seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
@@ -301,58 +284,6 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
     return Batch(ids, attn, cmask, rollout.advantages[used])
 
 
-# Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after it.
-FUSED_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def output_head(model):
-    """The plain ``nn.Linear`` lm_head of ``model`` (through DDP/FSDP and PEFT wrappers) when its
-    logits are exactly that projection of the final hidden state, else None."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    family = getattr(getattr(inner, "config", None), "model_type", None)
-    if type(head) is not torch.nn.Linear or family not in FUSED_HEAD_FAMILIES:
-        return None
-    # FSDP shards parameters (a flat view of another size, or a DTensor): its lm_head is only whole
-    # inside the model's forward, so those runs keep the logits path.
-    whole = tuple(head.weight.shape) == (head.out_features, head.in_features) and type(head.weight.data) is torch.Tensor
-    return head if whole else None
-
-
-def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]); with ``scored`` ([N, L-1], >0
-    where a value is needed: the completions' tokens), 0 at the other positions.
-
-    Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
-    empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk,
-    only the scored positions: the [N, L, V] logits and their gradient never exist (the largest tensors
-    of an RL step at a 128k vocabulary). The forward still goes through ``model``, so DDP sees it."""
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    where = scored > 0 if scored is not None else None
-    head = output_head(model)
-    if head is None:
-        with sdpa_backends():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
-        logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-        if where is None:
-            return logp, entropy
-        return logp.where(where, 0.0), entropy.where(where, 0.0)
-    kept = {}
-
-    def keep_hidden(module, args):
-        kept["hidden"] = args[0]
-        return (args[0][:, :0],)
-
-    handle = head.register_forward_pre_hook(keep_hidden)
-    try:
-        with sdpa_backends():
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
-    finally:
-        handle.remove()
-    return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:], where)
-
-
 @torch.no_grad()
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
@@ -365,7 +296,8 @@ def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) ->
     if cfg.num_iterations > 1:
         batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0])
     if cfg.beta > 0:
-        batch.ref_logp = whole(lambda mb: _reference_logprobs(model, ref_model, mb, accelerator))
+        batch.ref_logp = whole(lambda mb: reference_logprobs(model, ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                                             accelerator))
 
 
 def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[str, float]]:
@@ -418,7 +350,7 @@ def train(cfg: RLConfig) -> dict:
     model = load_policy(cfg, run.device)
     ref_model = None
     if cfg.beta > 0 and (cfg.ref_model or cfg.method == "full"):
-        ref_model = _load_reference(cfg, tokenizer, run.device)
+        ref_model = load_reference(cfg, tokenizer, run.device)
     trainable, total = count_parameters(model)
     run.log(f"rl: {cfg.algo} on {cfg.model} ({cfg.method}, {trainable:,}/{total:,} trainable); "
             f"rewards {', '.join(f'{r.name}×{r.weight:g}' for r in reward_fns)}; {len(examples)} prompts")
@@ -489,27 +421,3 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
         "rollout_tokens_per_s": float(lengths.sum()) * world / max(rollout.seconds, 1e-9),
         "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
     }
-
-
-def _load_reference(cfg: RLConfig, tokenizer, device):
-    """A frozen reference model (full fine-tuning, or an explicit --ref-model)."""
-    from posttrain.engine.models import load_model, load_tokenizer
-
-    name = cfg.ref_model or cfg.model
-    ref_tok = load_tokenizer(name, cfg.trust_remote_code)
-    if ref_tok.get_vocab() != tokenizer.get_vocab():
-        raise PosttrainError(f"reference model {name!r} uses a different tokenizer than the policy {cfg.model!r}; "
-                             "the KL penalty compares token log-probs, so they must share one")
-    ref = load_model(name, cfg.dtype, str(device), cfg.trust_remote_code)
-    ref.requires_grad_(False)
-    return ref
-
-
-@torch.no_grad()
-def _reference_logprobs(model, ref_model, mb: Batch, accelerator) -> torch.Tensor:
-    """Reference log-probs: the explicit reference model, or the policy with its LoRA adapter off."""
-    if ref_model is not None:
-        return sequence_logprobs(ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]
-    unwrapped = accelerator.unwrap_model(model)
-    with unwrapped.disable_adapter():
-        return sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]

@@ -18,20 +18,12 @@ import torch
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import accuracy_eval
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.trainers.common import (
-    TrainerOptions,
-    TrainingRun,
-    accuracy_eval,
-    build_optimizer,
-    build_scheduler,
-    count_parameters,
-    data_splits,
-    epoch_indices,
-    load_policy,
-    warmup_steps_for,
-)
+from posttrain.trainers.data import data_splits, epoch_indices
+from posttrain.trainers.run import TrainingRun
+from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, warmup_steps_for
 from posttrain.utils import seed_everything
 
 TRUNCATION = ("prompt_left", "drop", "left")
