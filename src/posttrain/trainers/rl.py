@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -372,6 +373,9 @@ def train(cfg: RLConfig) -> dict:
             synced = run.step
         return engine
 
+    def evaluate() -> dict:
+        return accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator)
+
     rollout_index = run.step // cfg.num_iterations
     while run.running():
         policy.eval()
@@ -384,24 +388,16 @@ def train(cfg: RLConfig) -> dict:
         for _ in range(min(cfg.num_iterations, cfg.max_steps - run.step)):                       # 4. update
             t0 = time.perf_counter()
             finite, stats = update(model, batch, cfg, run.accelerator)
-            if run.skip_step(finite, optimizer):
-                continue
-            grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step += 1
-            metrics = step_metrics(rollout, batch, stats, task, prompts, run.world, time.perf_counter() - t0)
-            metrics.update(lr=scheduler.get_last_lr()[0], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
-            if eval_examples and (run.step % cfg.eval_steps == 0 or run.step == cfg.max_steps):
-                metrics.update(accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator))
-            run.end_step(metrics, {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"})
+            run.optimizer_step(finite, partial(step_metrics, rollout, batch, stats, task, prompts, run.world, t0),
+                               evaluate if eval_examples else None, progress)
         rollout_index += 1
     return run.finish(model, tokenizer, {"algo": cfg.algo})
 
 
-def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, train_s: float) -> dict:
-    """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths, speed."""
+def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, started: float) -> dict:
+    """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths,
+    speed (the update's, from ``started`` to now: the optimizer step has just been taken)."""
+    train_s = time.perf_counter() - started
     comps, rewards = rollout.completions, rollout.rewards
     lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
     trained_tokens = int(batch.attention_mask.sum().item()) * world
@@ -421,3 +417,8 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
         "rollout_tokens_per_s": float(lengths.sum()) * world / max(rollout.seconds, 1e-9),
         "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
     }
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures for a step."""
+    return {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,9 +147,9 @@ class TrainingRun:
 
         run = TrainingRun(cfg, "rl")                  # raises, or run.done holds a finished run's state
         model, opt, sched = run.prepare(model, opt, sched, total_steps)   # resumes: run.step
-        while run.step < total_steps:
-            ... one step of the algorithm ...
-            run.end_step(metrics, postfix)            # log, bar, checkpoint, stop on a signal
+        while run.running():
+            ... the algorithm's forward and backward ...
+            run.optimizer_step(finite, metrics, evaluate, postfix)   # step, log, evaluate, checkpoint, stop
         return run.finish(model, tokenizer, extra)    # final model, run_state.json, process group
     """
 
@@ -205,6 +206,7 @@ class TrainingRun:
             write_json(self.output / f"{self.stage}_config.json", {**config_dict(self.cfg), **(run_info or {})})
         self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, disable=not self.is_main, unit="step")
         self.stop = GracefulStop().__enter__()
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
 
     def running(self) -> bool:
@@ -221,6 +223,35 @@ class TrainingRun:
             self.log(f"--max-minutes {self.cfg.max_minutes:g} spent: stopping at step {self.step} of {self.total_steps}")
             return False
         return True
+
+    def optimizer_step(self, finite: bool, metrics: Callable[[], dict], evaluate: Callable[[], dict] | None = None,
+                       postfix: Callable[[dict], dict] | None = None) -> bool:
+        """The tail of every optimizer step, after the backward. A step whose loss was not finite on
+        every rank is skipped (``skip_step``: no update, it does not count) and False returned.
+        Otherwise: clip the gradients (``max_grad_norm``), step the optimizer and the schedule, zero the
+        gradients, count the step; then the step's ``metrics()`` with ``lr`` and ``grad_norm``, the
+        results of ``evaluate()`` at evaluation steps, and ``end_step`` (log, bar with ``postfix(metrics)``,
+        checkpoint, stop on a signal)."""
+        if self.skip_step(finite):
+            return False
+        cfg = self.cfg
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = metrics()
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if evaluate is not None and self.evaluating():
+            record.update(evaluate())
+        self.end_step(record, postfix(record) if postfix else None)
+        return True
+
+    def evaluating(self) -> bool:
+        """Whether the step just taken ends with an evaluation: every ``eval_steps`` and at the last step."""
+        return bool(self.cfg.eval_steps) and (self.step % self.cfg.eval_steps == 0 or self.step == self.total_steps)
 
     def end_step(self, metrics: dict, postfix: dict | None = None) -> None:
         """After an optimizer step (``self.step`` already advanced): log, checkpoint, honour a stop."""
@@ -240,12 +271,12 @@ class TrainingRun:
             self._close()
             raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {self.output}")
 
-    def skip_step(self, finite: bool, optimizer) -> bool:
-        """The non-finite policy: True when the step's loss was finite on every rank; otherwise the
-        gradients are dropped, the step does not count, and a run of bad steps stops the run."""
+    def skip_step(self, finite: bool) -> bool:
+        """The non-finite policy: False when the step's loss was finite on every rank; otherwise (True)
+        the gradients are dropped, the step does not count, and a run of bad steps stops the run."""
         finite = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "min").item() > 0
         if not finite:
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
         return not self.nonfinite.ok(finite, self.step + 1, None if finite else self.ckpts.latest())
 
     def finish(self, model, tokenizer, extra: dict) -> dict:

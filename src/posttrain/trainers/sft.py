@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -228,6 +229,18 @@ def train(cfg: SFTConfig) -> dict:
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, total_steps, {"data_stats": stats, "total_steps": total_steps})
     engine = None  # built at the first accuracy evaluation, then kept for the run
 
+    def evaluate() -> dict:
+        nonlocal engine
+        out = {}
+        if eval_data:
+            out["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
+        if cfg.eval_accuracy_samples:
+            policy = acc.unwrap_model(model)
+            engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
+            engine.sync_weights(policy)
+            out.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples], cfg.eval_max_new_tokens, acc))
+        return out
+
     while run.running():
         t0 = time.perf_counter()
         batch = step_batch(train_data, run.step, per_step, cfg.seed, run.rank, run.world)
@@ -245,28 +258,21 @@ def train(cfg: SFTConfig) -> dict:
             acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
             loss_sum += nll.detach()
         step_loss = (acc.reduce(loss_sum, "sum") / global_tokens).item()
-        if run.skip_step(math.isfinite(step_loss), optimizer):
-            continue
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        dt = time.perf_counter() - t0
-        tokens = sum(len(ex.input_ids) for ex in batch) * run.world
-        metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": run.step / steps_per_epoch,
-                   "tokens": tokens, "tokens_per_s": tokens / dt,
-                   "response_tokens": int(global_tokens.item()), "step_time_s": dt}
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        if cfg.eval_steps and (run.step % cfg.eval_steps == 0 or run.step == total_steps):
-            if eval_data:
-                metrics["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
-            if cfg.eval_accuracy_samples:
-                policy = acc.unwrap_model(model)
-                engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
-                engine.sync_weights(policy)
-                metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples],
-                                             cfg.eval_max_new_tokens, acc))
-        run.end_step(metrics, {"loss": f"{step_loss:.4f}", "lr": f"{metrics['lr']:.2e}"})
+        run.optimizer_step(math.isfinite(step_loss),
+                           partial(step_metrics, step_loss, batch, global_tokens, run.world, (run.step + 1) / steps_per_epoch, t0),
+                           evaluate, progress)
     return run.finish(model, tokenizer, {"method": cfg.method})
+
+
+def step_metrics(loss: float, batch: list[Tokenized], response_tokens: torch.Tensor, world: int, epoch: float, started: float) -> dict:
+    """What a step logs: its loss, the epoch it reached, tokens and speed (from ``started`` to now: the
+    optimizer step has just been taken)."""
+    dt = time.perf_counter() - started
+    tokens = sum(len(ex.input_ids) for ex in batch) * world
+    return {"loss": loss, "epoch": epoch, "tokens": tokens, "tokens_per_s": tokens / dt,
+            "response_tokens": int(response_tokens.item()), "step_time_s": dt}
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures for a step."""
+    return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
