@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from posttrain.config import build_config, load_yaml
+from posttrain.config import StageOptions, build_config, load_yaml
 from posttrain.engine.registry import resolve_model
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import EvalConfig, run_eval
@@ -26,16 +26,11 @@ from posttrain.utils import atomic_dir, atomic_write, check_writable, write_json
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nano.yaml"
 
 
-@dataclass
-class PipelineConfig:
-    model: str = "models/nano-gsm"
-    """Base model: hub id or local folder."""
-    task: str = "gsm_symbolic"
-    """Task for every stage (train split for training, test split for evaluation)."""
-    data_dir: str | None = None
-    """GSM8K folder (train.jsonl/test.jsonl) when task is gsm8k."""
-    prompt_style: str = "plain"
-    """Prompt template shared by every stage."""
+@dataclass(kw_only=True)
+class PipelineConfig(StageOptions):
+    """The story's options. ``model`` is the base model; ``task``, ``data_dir`` and ``prompt_style``
+    hold for every stage (the train split for training, the test split for evaluation)."""
+
     output: str = "runs/pipeline"
     """Output folder; each stage gets a subfolder."""
     rl_algo: str = "grpo"

@@ -47,8 +47,10 @@ ALGORITHMS = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RLConfig(TrainerOptions):
+    # Options declared in TrainerOptions or RunOptions appear below only to set RL's default (and, with a
+    # docstring, RL's wording of them).
     # -- what to train
     ref_model: str | None = None
     """Reference policy for the KL penalty; default: the starting policy (with LoRA, the adapter switched off)."""
@@ -60,7 +62,6 @@ class RLConfig(TrainerOptions):
     """Train on the problems' final answers alone: worked solutions are dropped before anything (reward
     functions included) sees them, as with data that has answers but no solutions."""
     output: str = "runs/rl"
-    """Output folder."""
     # -- rollouts
     num_generations: int = 4
     """Samples per prompt (GRPO/RLOO group size G; REINFORCE uses 1 unless set higher)."""
@@ -76,15 +77,11 @@ class RLConfig(TrainerOptions):
     """Sequences generated together."""
     # -- optimisation
     max_steps: int = 100
-    """Optimizer steps."""
     num_iterations: int = 1
     """Updates per rollout batch (>1 reuses rollouts with the clipped importance ratio)."""
     learning_rate: float = 1e-5
-    """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
-    """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.0
-    """Share of steps spent warming up."""
     beta: float = 0.04
     """KL coefficient β (0 disables the KL term and the reference forward)."""
     kl_estimator: str | None = None
@@ -108,11 +105,9 @@ class RLConfig(TrainerOptions):
     """Upper clip range ε_high (DAPO raises it, e.g. 0.28)."""
     # -- runtime
     eval_steps: int = 50
-    """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_samples: int = 64
     """Held-out problems per evaluation."""
     save_steps: int = 100
-    """Checkpoint every N steps (0 disables)."""
 
     def __post_init__(self):
         if self.algo not in ALGORITHMS:

@@ -8,7 +8,7 @@ import json
 import shutil
 import signal
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,43 @@ from posttrain.trainers.metrics import MetricsLogger
 from posttrain.utils import check_writable, process_age_s, write_json
 
 RUN_MARKERS = ("sft_config.json", "rl_config.json")  # what TrainingRun.prepare writes into every run folder
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Options of the run scaffolding (``TrainingRun``): the output folder, the step budget and the
+    step's clipping, logging, checkpoints, resume, stops, mixed precision and the final push. Each
+    trainer's config sets the defaults that have none here."""
+
+    output: str
+    """Output folder."""
+    max_steps: int | None
+    """Optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (0 disables)."""
+    mixed_precision: str = "auto"
+    """Autocast of training forwards: auto (bf16 on GPU, none on CPU), bf16 (on CPU too: faster where the
+    CPU has native bf16, AVX512-BF16 or AMX) or no."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    save_steps: int
+    """Checkpoint every N steps (0 disables)."""
+    save_total_limit: int = 2
+    """Checkpoints to keep."""
+    resume: bool = False
+    """Continue the run in `output` from its latest checkpoint."""
+    overwrite: bool = False
+    """Start afresh even if `output` holds an earlier run."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb."""
+    push_to_hub: str | None = None
+    """Push the final adapter/model to this hub repo."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
+    max_minutes: float | None = None
+    """Wall-clock budget from process start: no new step starts once it is spent; the model and a
+    checkpoint are saved as at a normal end (--resume continues). The learning-rate schedule still
+    spans --max-steps."""
 
 
 # Options a resumed run may change; any other change would make the saved config lie about the run.
@@ -156,7 +193,7 @@ class TrainingRun:
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage = cfg, stage
         self.output = Path(cfg.output)
-        self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, getattr(cfg, "max_steps", None))
+        self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, cfg.max_steps)
         if self.done is not None:
             return
         if cfg.resume:
@@ -165,7 +202,7 @@ class TrainingRun:
         from posttrain.tasks import check_contamination, make_task
 
         self.trained_on = trained_on(cfg.model) + [make_task(cfg.task, data_dir=cfg.data_dir).name]
-        if getattr(cfg, "eval_steps", 0) and not cfg.validation_size:  # it reports test accuracy as it trains
+        if cfg.eval_steps and not cfg.validation_size:  # it reports test accuracy as it trains
             check_contamination(self.trained_on[:-1], self.trained_on[-1])
         self.accelerator = make_accelerator(cfg.mixed_precision)
         acc = self.accelerator

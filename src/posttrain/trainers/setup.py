@@ -3,13 +3,13 @@ optimizer and the learning-rate schedule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import require
+from posttrain.config import LoadOptions, StageOptions, require
 from posttrain.errors import PosttrainError
-from posttrain.trainers.run import MIXED_PRECISION
+from posttrain.trainers.run import MIXED_PRECISION, RunOptions
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora", "full")
@@ -97,19 +97,21 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | 
     return int(warmup_steps) if warmup_steps is not None else int(round(warmup_ratio * total_steps))
 
 
-@dataclass
-class TrainerOptions:
-    """Options every trainer shares: what to train, the batch shape, LoRA, and the run's plumbing.
-    Trainer configs extend it with their own fields."""
+@dataclass(kw_only=True)
+class TrainerOptions(RunOptions, LoadOptions, StageOptions):
+    """Options every post-training trainer shares: what to train, the data, the batch shape, the
+    optimizer and schedule, LoRA, the evaluations during training, and the run's options
+    (``RunOptions``). Trainer configs extend it with their own fields and set the defaults that have
+    none here."""
 
-    model: str = "models/nano-gsm"
-    """Model to train: hub id or local folder (for RL, e.g. a merged SFT model)."""
-    task: str = "gsm_symbolic"
-    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
-    data_dir: str | None = None
-    """Folder with GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
-    prompt_style: str = "plain"
-    """plain, chat or fewshot (or a template name); SFT targets follow the same template."""
+    HELP = {  # the trainers' wording of the shared options
+        "model": "Model to train: hub id or local folder (for RL, e.g. a merged SFT model).",
+        "data_dir": "Folder with GSM8K train.jsonl/test.jsonl (otherwise the hub is tried).",
+        "prompt_style": "plain, chat or fewshot (or a template name); SFT targets follow the same template.",
+        "dtype": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.",
+        "trust_remote_code": "Allow model repos to run their own code.",
+    }
+
     train_limit: int | None = None
     """Use only the first N training examples (after train_offset)."""
     train_offset: int = 0
@@ -123,12 +125,16 @@ class TrainerOptions:
     """Sequences per micro-batch per device (the seeds' 4)."""
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimizer step; sequences per step = per_device_batch_size × this × ranks."""
+    learning_rate: float
+    """Peak learning rate."""
+    lr_scheduler: str
+    """cosine, linear, constant or constant_with_warmup."""
+    warmup_ratio: float
+    """Share of steps spent warming up."""
     warmup_steps: int | None = None
     """Warm-up steps; overrides warmup_ratio when set."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold (0 disables)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora_r: int = 8
@@ -139,38 +145,15 @@ class TrainerOptions:
     """LoRA dropout."""
     lora_target_modules: list[str] | None = None
     """Modules to adapt; default all attention and MLP projections."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32."""
-    mixed_precision: str = "auto"
-    """Autocast of training forwards: auto (bf16 on GPU, none on CPU), bf16 (on CPU too: faster where the
-    CPU has native bf16, AVX512-BF16 or AMX) or no."""
     seed: int = 42
     """Seed for data order, initialisation, dropout and sampling."""
-    logging_steps: int = 1
-    """Log metrics every N optimizer steps."""
-    save_total_limit: int = 2
-    """Checkpoints to keep."""
-    resume: bool = False
-    """Continue the run in `output` from its latest checkpoint."""
-    overwrite: bool = False
-    """Start afresh even if `output` holds an earlier run."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics go besides metrics.jsonl: tensorboard, wandb."""
-    push_to_hub: str | None = None
-    """Push the final adapter/model to this hub repo."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code."""
     engine: str = "auto"
     """Generation engine for rollouts and evaluations during training: fast, hf or auto (one per run)."""
+    eval_steps: int
+    """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_batch_size: int = 64
     """Held-out problems generated together in the evaluations during training (RL's one engine then
     holds the larger of this and rollout_batch_size rows)."""
-    max_bad_steps: int = 3
-    """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
-    max_minutes: float | None = None
-    """Wall-clock budget from process start: no new step starts once it is spent; the model and a
-    checkpoint are saved as at a normal end (--resume continues). The learning-rate schedule still
-    spans --max-steps."""
 
     def _check_common(self) -> None:
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
@@ -179,7 +162,7 @@ class TrainerOptions:
                        "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
                        "max_bad_steps": self.max_bad_steps >= 1, "train_limit": self.train_limit is None or self.train_limit >= 1,
                        "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
-                       "save_steps": getattr(self, "save_steps", 0) >= 0, "eval_steps": getattr(self, "eval_steps", 0) >= 0,
+                       "save_steps": self.save_steps >= 0, "eval_steps": self.eval_steps >= 0,
                        "save_total_limit": self.save_total_limit >= 0,
                        "max_minutes": self.max_minutes is None or self.max_minutes > 0})
         if self.mixed_precision not in MIXED_PRECISION:

@@ -30,8 +30,10 @@ from posttrain.utils import seed_everything
 TRUNCATION = ("prompt_left", "drop", "left")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig(TrainerOptions):
+    # Options declared in TrainerOptions or RunOptions appear below only to set SFT's default (and, with a
+    # docstring, SFT's wording of them).
     # -- what to train
     output: str = "runs/sft"
     """Output folder: adapter or model, metrics.jsonl, tensorboard/, checkpoints/."""
@@ -41,9 +43,7 @@ class SFTConfig(TrainerOptions):
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     learning_rate: float = 2e-4
-    """Peak learning rate."""
     lr_scheduler: str = "cosine"
-    """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.03
     """Share of steps spent warming up (the seed's 3%)."""
     # -- data shaping
