@@ -12,7 +12,7 @@ from posttrain.evaluation import EvalConfig
 def test_every_config_field_is_documented():
     import dataclasses
 
-    from posttrain.pipeline import PipelineConfig
+    from posttrain.pipeline.stages import PipelineConfig
     from posttrain.trainers.pretrain import PretrainConfig
     from posttrain.trainers.rl import RLConfig
     from posttrain.trainers.sft import SFTConfig

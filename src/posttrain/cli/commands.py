@@ -288,7 +288,8 @@ cmd_fetch.configure = _configure_fetch
 # ------------------------------------------------------------------------------------ pipeline --
 @command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate (→ control arm), with a report (default: configs/nano.yaml).")
 def cmd_pipeline(args):
-    from posttrain.pipeline import DEFAULT_CONFIG, STAGE_LABELS, load_pipeline_config, run_pipeline
+    from posttrain.pipeline.report import STAGE_LABELS
+    from posttrain.pipeline.stages import DEFAULT_CONFIG, load_pipeline_config, run_pipeline
 
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
