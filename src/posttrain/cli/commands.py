@@ -1,4 +1,5 @@
-"""Subcommands: exploration (generate, score, data, grade) and evaluation (eval)."""
+"""The subcommands and their registry: evaluation (eval), exploration (generate, score, data, grade),
+training (sft, rl, pretrain), merge, fetch and the pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import os
 import statistics
 from pathlib import Path
 
-from posttrain.cli.main import command
 from posttrain.config import add_dataclass_args, config_from_args
 from posttrain.errors import PosttrainError
 from posttrain.utils import check_writable
+
+COMMANDS = {}  # name -> (fn, help), in the order the commands are listed
+
+
+def command(name: str, help: str):
+    """Register ``fn(args)`` as a subcommand; ``fn.configure(parser)`` adds its flags."""
+    def wrap(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return wrap
 
 
 def _model_flags(p, default_model: str = "models/nano-gsm"):
