@@ -22,7 +22,7 @@ from posttrain.losses.policy import (
     token_logprobs,
 )
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
-from posttrain.trainers.rl import RLConfig, build_rollout, train
+from posttrain.trainers.rl import RLConfig, sequence_tensors, train
 
 TOY = '''
 def low_ids(prompts, completions, answer, completion_ids, **kw):
@@ -202,12 +202,12 @@ def test_token_logprobs_by_hand():
 def test_rollout_mask_covers_generated_tokens_through_eos_only():
     prompts = [[1, 5, 6], [1, 7]]
     comps = [Completion(0, [8, 9, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
-    ids, attn, cmask = build_rollout(prompts, comps, pad_id=0, mask_truncated=False, device="cpu")
+    ids, attn, cmask = sequence_tensors(prompts, comps, pad_id=0, mask_truncated=False, device="cpu")
     assert ids.tolist() == [[1, 5, 6, 8, 9, 2], [1, 7, 4, 4, 4, 4]]
     # mask[t] scores token t+1: row 0 scores tokens at 3,4,5 (8, 9, EOS); row 1 at 2..5
     assert cmask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
     comps2 = [Completion(0, [8, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
-    ids, attn, cmask = build_rollout(prompts, comps2, pad_id=0, mask_truncated=True, device="cpu")
+    ids, attn, cmask = sequence_tensors(prompts, comps2, pad_id=0, mask_truncated=True, device="cpu")
     assert cmask.tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]  # padding and truncated rows excluded
     assert attn.tolist()[0] == [1, 1, 1, 1, 1, 0]
 

@@ -22,6 +22,7 @@ from posttrain.engine.registry import resolve_model
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import EvalConfig, run_eval
 from posttrain.pipeline.report import write_report
+from posttrain.trainers.run import RUN_MARKERS, RUN_STATE
 from posttrain.utils import atomic_dir, check_writable, write_json
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "nano.yaml"
@@ -80,7 +81,7 @@ def stage_configs(cfg: PipelineConfig):
 
 
 def _finished(folder: Path) -> bool:
-    state = folder / "run_state.json"
+    state = folder / RUN_STATE
     return state.exists() and json.loads(state.read_text()).get("finished", False)
 
 
@@ -100,8 +101,7 @@ def _standalone(train_dir: Path, model_dir: Path, method: str) -> None:
         return
     with atomic_dir(model_dir) as tmp:
         for f in train_dir.iterdir():
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt") and f.name not in (
-                    "run_state.json", "sft_config.json", "rl_config.json"):
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt") and f.name not in (RUN_STATE, *RUN_MARKERS):
                 shutil.copy2(f, tmp / f.name)
 
 

@@ -11,18 +11,19 @@ import torch
 from posttrain.engine.models import sdpa_backends
 from posttrain.losses.policy import linear_token_logprobs, token_logprobs
 
-# Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after it.
-FUSED_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def output_head(model):
     """The plain ``nn.Linear`` lm_head of ``model`` (through DDP/FSDP and PEFT wrappers) when its
-    logits are exactly that projection of the final hidden state, else None."""
+    logits are exactly that projection of the final hidden state, else None: the families the fast
+    engine runs (``engine.fast.SUPPORTED``), whose forward it reproduces, have no scaling or
+    soft-capping after the lm_head."""
+    from posttrain.engine.fast import SUPPORTED
+
     inner = getattr(model, "module", model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     family = getattr(getattr(inner, "config", None), "model_type", None)
-    if type(head) is not torch.nn.Linear or family not in FUSED_HEAD_FAMILIES:
+    if type(head) is not torch.nn.Linear or family not in SUPPORTED:
         return None
     # FSDP shards parameters (a flat view of another size, or a DTensor): its lm_head is only whole
     # inside the model's forward, so those runs keep the logits path.

@@ -251,7 +251,7 @@ def compute_advantages(rewards: torch.Tensor, cfg: RLConfig) -> tuple[torch.Tens
     return adv, all_equal
 
 
-def build_rollout(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
+def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
     """Right-padded prompt+completion rows and a mask over the generated tokens (up to and including
     EOS; never prompt or padding). Position t of the mask scores the token at t + 1."""
     rows = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
@@ -275,7 +275,7 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
     used = list(range(len(rollout.completions)))
     if cfg.drop_zero_advantage and cfg.beta == 0:
         used = (rollout.advantages != 0).nonzero()[:, 0].tolist() or [0]
-    ids, attn, cmask = build_rollout([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
+    ids, attn, cmask = sequence_tensors([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
                                      pad_id, cfg.mask_truncated_completions, device)
     return Batch(ids, attn, cmask, rollout.advantages[used])
 
@@ -386,7 +386,7 @@ def train(cfg: RLConfig) -> dict:
             run.optimizer_step(finite, partial(step_metrics, rollout, batch, stats, task, prompts, run.world, t0),
                                evaluate if eval_examples else None, progress)
         rollout_index += 1
-    return run.finish(model, tokenizer, {"algo": cfg.algo})
+    return run.save_and_close(model, tokenizer, {"algo": cfg.algo})
 
 
 def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, started: float) -> dict:

@@ -20,7 +20,8 @@ from posttrain.trainers.export import push_folder
 from posttrain.trainers.metrics import MetricsLogger
 from posttrain.utils import check_writable, process_age_s, write_json
 
-RUN_MARKERS = ("sft_config.json", "rl_config.json")  # what TrainingRun.prepare writes into every run folder
+RUN_MARKERS = ("sft_config.json", "rl_config.json", "pretrain_config.json")  # what TrainingRun.prepare writes into every run folder
+RUN_STATE = "run_state.json"  # written when a run ends: its last step and metrics
 
 
 @dataclass(kw_only=True)
@@ -59,6 +60,11 @@ class RunOptions:
     checkpoint are saved as at a normal end (--resume continues). The learning-rate schedule still
     spans --max-steps."""
 
+    def lineage(self) -> dict:
+        """What the saved model records of where it comes from, checked before any work; a model trained
+        from scratch has none."""
+        return {}
+
 
 # Options a resumed run may change; any other change would make the saved config lie about the run.
 RESUMABLE = {"max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -70,7 +76,7 @@ def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int |
     """Check the output folder before a run. Returns the final state of an already finished run
     that ``max_steps`` does not extend (when resuming it), else None. Refuses to mix a new run into
     an old one's folder; ``--overwrite`` replaces only a folder that a posttrain run wrote."""
-    state_file = output / "run_state.json"
+    state_file = output / RUN_STATE
     check_writable(output)
     if output.exists() and any(output.iterdir()) and not (resume or overwrite):
         raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
@@ -187,23 +193,21 @@ class TrainingRun:
         while run.running():
             ... the algorithm's forward and backward ...
             run.optimizer_step(finite, metrics, evaluate, postfix)   # step, log, evaluate, checkpoint, stop
-        return run.finish(model, tokenizer, extra)    # final model, run_state.json, process group
+        return run.save_and_close(model, tokenizer, extra)   # final model, run_state.json, process group
     """
 
-    def __init__(self, cfg, stage: str):
+    def __init__(self, cfg: RunOptions, stage: str, folder: Path | None = None):
+        """``folder``: the run's own folder (checkpoints, metrics, state); by default ``cfg.output``, where
+        the final model also goes."""
         self.cfg, self.stage = cfg, stage
-        self.output = Path(cfg.output)
+        self.output = Path(folder if folder is not None else cfg.output)
+        self.model_dir = Path(cfg.output)
         self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, cfg.max_steps)
         if self.done is not None:
             return
         if cfg.resume:
             check_resumed_config(self.output, f"{stage}_config.json", cfg)
-        from posttrain.engine.registry import trained_on
-        from posttrain.tasks import check_contamination, make_task
-
-        self.trained_on = trained_on(cfg.model) + [make_task(cfg.task, data_dir=cfg.data_dir).name]
-        if cfg.eval_steps and not cfg.validation_size:  # it reports test accuracy as it trains
-            check_contamination(self.trained_on[:-1], self.trained_on[-1])
+        self.lineage = cfg.lineage()
         self.accelerator = make_accelerator(cfg.mixed_precision)
         acc = self.accelerator
         self.device, self.is_main = acc.device, acc.is_main_process
@@ -230,7 +234,7 @@ class TrainingRun:
         if self.cfg.resume and self.is_main:
             self.ckpts.clear_unfinished()
         latest = self.ckpts.latest_intact(self.log) if self.cfg.resume else None
-        if self.cfg.resume and latest is None and (self.output / "run_state.json").exists():
+        if self.cfg.resume and latest is None and (self.output / RUN_STATE).exists():
             raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
                                  f"(save_steps was 0); start a new --output")
         if latest is not None:
@@ -316,22 +320,25 @@ class TrainingRun:
             self.optimizer.zero_grad(set_to_none=True)
         return not self.nonfinite.ok(finite, self.step + 1, None if finite else self.ckpts.latest())
 
-    def finish(self, model, tokenizer, extra: dict) -> dict:
-        """Save the final model (a standard HF folder), a last checkpoint (so a larger --max-steps can
-        continue the run) and ``run_state.json``; push if asked; close the process group."""
+    def save_and_close(self, model, tokenizer, extra: dict, save_model: Callable[[], None] | None = None) -> dict:
+        """Save the final model (a standard HF folder with ``extra`` and the lineage in posttrain.json, or
+        as ``save_model()`` writes it), a last checkpoint (so a larger --max-steps can continue the run)
+        and ``run_state.json``; push the model if asked; close the process group."""
         self._close()
         cfg, acc = self.cfg, self.accelerator
         latest = self.ckpts.latest()
         if cfg.save_steps and (latest is None or int(latest.name.split("-")[1]) != self.step):
             self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
-        save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model,
-                                                                    "task": cfg.task, "trained_on": self.trained_on})
+        if save_model is None:
+            save_final_model(model, tokenizer, self.model_dir, acc, extra={"stage": self.stage, **extra, **self.lineage})
+        else:
+            save_model()
         final = {"finished": True, "step": self.step, **({"stopped_by_max_minutes": True} if self.out_of_time else {}),
                  **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
         if self.is_main:
-            write_json(self.output / "run_state.json", final)
+            write_json(self.output / RUN_STATE, final)
         if cfg.push_to_hub and self.is_main:
-            push_folder(self.output, cfg.push_to_hub)
+            push_folder(self.model_dir, cfg.push_to_hub)
         acc.wait_for_everyone()
         acc.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():

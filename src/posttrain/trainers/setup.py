@@ -155,6 +155,17 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     """Held-out problems generated together in the evaluations during training (RL's one engine then
     holds the larger of this and rollout_batch_size rows)."""
 
+    def lineage(self) -> dict:
+        """The base model, the task and all the trained model has seen (the base's training data, then
+        this task). Refuses evaluations during training on a test split the base was trained on."""
+        from posttrain.engine.registry import trained_on
+        from posttrain.tasks import check_contamination, make_task
+
+        seen = trained_on(self.model) + [make_task(self.task, data_dir=self.data_dir).name]
+        if self.eval_steps and not self.validation_size:  # it reports test accuracy as it trains
+            check_contamination(seen[:-1], seen[-1])
+        return {"base_model": self.model, "task": self.task, "trained_on": seen}
+
     def _check_common(self) -> None:
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
                        "logging_steps": self.logging_steps >= 1, "per_device_batch_size": self.per_device_batch_size >= 1,

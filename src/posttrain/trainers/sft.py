@@ -261,7 +261,7 @@ def train(cfg: SFTConfig) -> dict:
         run.optimizer_step(math.isfinite(step_loss),
                            partial(step_metrics, step_loss, batch, global_tokens, run.world, (run.step + 1) / steps_per_epoch, t0),
                            evaluate, progress)
-    return run.finish(model, tokenizer, {"method": cfg.method})
+    return run.save_and_close(model, tokenizer, {"method": cfg.method})
 
 
 def step_metrics(loss: float, batch: list[Tokenized], response_tokens: torch.Tensor, world: int, epoch: float, started: float) -> dict:
