@@ -227,7 +227,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, tmp_pat
 
 
 def test_push_to_hub_offline_is_a_clear_error(tiny_model_dir, tmp_path):
-    from posttrain.trainers.export import push_folder
+    from posttrain.trainers.hub import push_folder
 
     with pytest.raises(PosttrainError, match="could not push"):
         push_folder(tiny_model_dir, "someone/some-repo")

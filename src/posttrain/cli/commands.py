@@ -251,7 +251,8 @@ _training_command("pretrain", "Train a small Llama-architecture base model from 
 # --------------------------------------------------------------------------------------- merge --
 @command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
 def cmd_merge(args):
-    from posttrain.trainers.export import merge_adapter, push_folder
+    from posttrain.trainers.export import merge_adapter
+    from posttrain.trainers.hub import push_folder
 
     out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
     print(f"merged {args.adapter} -> {out}")

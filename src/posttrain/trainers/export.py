@@ -1,4 +1,4 @@
-"""Merging LoRA adapters into standalone models, 4-bit export and pushing to the hub (seed 003's end)."""
+"""Merging LoRA adapters into standalone models and 4-bit export (seed 003's end; pushing: ``hub``)."""
 
 from __future__ import annotations
 
@@ -73,18 +73,3 @@ def export_4bit(model_dir: Path, output: Path) -> Path:
         quant.save_pretrained(tmp)
         load_tokenizer(str(model_dir)).save_pretrained(tmp)
     return output
-
-
-def push_folder(folder: Path, repo: str) -> None:
-    """Upload a model/adapter folder to the hub, with a one-line error when offline or unauthorised."""
-    try:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo,
-                          ignore_patterns=["checkpoints/*", "tensorboard/*", "*.tmp*", ".*"])
-    except Exception as e:
-        raise PosttrainError(f"could not push to hub repo {repo!r} ({type(e).__name__}): check the network and "
-                             f"that HF_TOKEN (or `hf auth login`) grants write access") from None
-    print(f"pushed {folder} to https://huggingface.co/{repo}")

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.trainers.checkpoints import Checkpoints, save_final_model
-from posttrain.trainers.export import push_folder
+from posttrain.trainers.hub import push_folder
 from posttrain.trainers.metrics import MetricsLogger
 from posttrain.utils import check_writable, process_age_s, write_json
 
@@ -64,6 +65,16 @@ class RunOptions:
         """What the saved model records of where it comes from, checked before any work; a model trained
         from scratch has none."""
         return {}
+
+    def check_run(self) -> None:
+        """One-line errors for run options out of range."""
+        require(self, {"logging_steps": self.logging_steps >= 1, "max_bad_steps": self.max_bad_steps >= 1,
+                       "save_steps": self.save_steps >= 0, "save_total_limit": self.save_total_limit >= 0,
+                       "max_minutes": self.max_minutes is None or self.max_minutes > 0})
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise PosttrainError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.resume and self.overwrite:
+            raise PosttrainError("--resume and --overwrite contradict each other; pick one")
 
 
 # Options a resumed run may change; any other change would make the saved config lie about the run.
@@ -310,7 +321,7 @@ class TrainingRun:
             self.ckpts.save(self.accelerator, step, {"step": step, "total_steps": self.total_steps})
         if self.stop.requested:
             self._close()
-            raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {self.output}")
+            raise PosttrainError(f"stopped at step {step}; checkpoint saved. Continue with --resume --output {self.model_dir}")
 
     def skip_step(self, finite: bool) -> bool:
         """The non-finite policy: False when the step's loss was finite on every rank; otherwise (True)

@@ -9,7 +9,7 @@ import torch
 
 from posttrain.config import LoadOptions, StageOptions, require
 from posttrain.errors import PosttrainError
-from posttrain.trainers.run import MIXED_PRECISION, RunOptions
+from posttrain.trainers.run import RunOptions
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora", "full")
@@ -167,18 +167,12 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
         return {"base_model": self.model, "task": self.task, "trained_on": seen}
 
     def _check_common(self) -> None:
+        self.check_run()
         require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
-                       "logging_steps": self.logging_steps >= 1, "per_device_batch_size": self.per_device_batch_size >= 1,
-                       "eval_batch_size": self.eval_batch_size >= 1,
+                       "per_device_batch_size": self.per_device_batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
                        "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-                       "max_bad_steps": self.max_bad_steps >= 1, "train_limit": self.train_limit is None or self.train_limit >= 1,
+                       "train_limit": self.train_limit is None or self.train_limit >= 1,
                        "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
-                       "save_steps": self.save_steps >= 0, "eval_steps": self.eval_steps >= 0,
-                       "save_total_limit": self.save_total_limit >= 0,
-                       "max_minutes": self.max_minutes is None or self.max_minutes > 0})
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise PosttrainError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+                       "eval_steps": self.eval_steps >= 0})
         if self.method not in METHODS:
             raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.resume and self.overwrite:
-            raise PosttrainError("--resume and --overwrite contradict each other; pick one")
