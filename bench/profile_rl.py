@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_time, sync, timed  # noqa: E402
 from posttrain.config import build_config, load_yaml  # noqa: E402
-from posttrain.trainers import common, rl  # noqa: E402
+from posttrain.trainers import rl, run  # noqa: E402
 from posttrain.utils import process_age_s  # noqa: E402
 
 PARTS = ("collect_rollouts", "score", "training_batch", "fill_logprobs", "update")
@@ -65,7 +65,7 @@ def main():
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                        schedule=schedule(wait=args.profile_step - 1, warmup=0, active=1, repeat=1))
         prof.start()
-    end_step = common.TrainingRun.end_step
+    end_step = run.TrainingRun.end_step
     last = {"t": None}
 
     def timed_end(self, metrics, postfix=None):
@@ -86,7 +86,7 @@ def main():
         if prof is not None:
             prof.step()
 
-    common.TrainingRun.end_step = timed_end
+    run.TrainingRun.end_step = timed_end
     rl.train(cfg)
     result = {"date": str(datetime.date.today()), "torch": torch.__version__, "config": args.config, "overrides": overrides,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": step_parts}

@@ -63,7 +63,8 @@ from posttrain.engine.base import Completion  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
 from posttrain.engine.models import load_model  # noqa: E402
 from posttrain.trainers import rl  # noqa: E402
-from posttrain.trainers.common import build_optimizer, load_policy, make_accelerator  # noqa: E402
+from posttrain.trainers.run import make_accelerator  # noqa: E402
+from posttrain.trainers.setup import build_optimizer, load_policy  # noqa: E402
 from rollout import PROMPT, StubTokenizer, prompts  # noqa: E402
 
 # Memory bandwidth (bytes/s) and dense bf16 tensor-core rate (FLOP/s) from the vendors' datasheets, by

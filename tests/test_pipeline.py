@@ -8,8 +8,9 @@ import pytest
 
 from conftest import ROOT, run_cli
 from posttrain.errors import PosttrainError
-from posttrain.pipeline import load_pipeline_config, matched_compute, mcnemar_exact, run_pipeline, stage_configs
-from posttrain.trainers.common import read_metrics
+from posttrain.pipeline.report import mcnemar_exact
+from posttrain.pipeline.stages import load_pipeline_config, matched_compute, run_pipeline, stage_configs
+from posttrain.trainers.metrics import read_metrics
 
 
 def test_mcnemar_by_hand():

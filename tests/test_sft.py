@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model, run_cli
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_mean, masked_nll_sum
-from posttrain.trainers.common import read_metrics
+from posttrain.trainers.metrics import read_metrics
 from posttrain.trainers.sft import SFTConfig, Tokenized, pack, pad_right, tokenize_examples, train
 
 
@@ -251,7 +251,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, tmp_pat
 
 
 def test_push_to_hub_offline_is_a_clear_error(tiny_model_dir, tmp_path):
-    from posttrain.trainers.common import push_folder
+    from posttrain.trainers.hub import push_folder
 
     with pytest.raises(PosttrainError, match="could not push"):
         push_folder(tiny_model_dir, "someone/some-repo")
@@ -400,7 +400,7 @@ def test_validation_is_the_train_splits_tail_and_evaluations_use_it(tiny_model_d
 
 
 def test_mixed_precision_choices():
-    from posttrain.trainers.common import make_accelerator
+    from posttrain.trainers.run import make_accelerator
 
     assert make_accelerator("auto").mixed_precision == "no"  # CPU: fp32 unless asked
     assert make_accelerator("bf16").mixed_precision == "bf16"
@@ -416,10 +416,10 @@ def test_the_answer_marker_is_one_token(tiny_tokenizer):
 
 
 def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
-    import posttrain.trainers.common as common
+    import posttrain.trainers.run as run
 
     clock = iter(range(0, 10_000, 50))  # each look at the process age: 50 s later
-    monkeypatch.setattr(common, "process_age_s", lambda: float(next(clock)))
+    monkeypatch.setattr(run, "process_age_s", lambda: float(next(clock)))
     out = tmp_path / "run"
     train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5))  # 150 s: a few steps, not six
     state = json.loads((out / "run_state.json").read_text())
@@ -428,7 +428,7 @@ def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_d
     assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))
     assert all(r["time_s"] % 50 == 0 for r in rows)  # each step logs the process age at its end
     assert (out / "checkpoints" / f"step-{state['step']}").is_dir() and (out / "adapter_model.safetensors").is_file()
-    monkeypatch.setattr(common, "process_age_s", lambda: 1.0)
+    monkeypatch.setattr(run, "process_age_s", lambda: 1.0)
     train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5, resume=True))
     state = json.loads((out / "run_state.json").read_text())
     assert state["step"] == 6 and "stopped_by_max_minutes" not in state

@@ -1,4 +1,5 @@
-"""Subcommands: exploration (generate, score, data, grade) and evaluation (eval)."""
+"""The subcommands and their registry: evaluation (eval), exploration (generate, score, data, grade),
+training (sft, rl, pretrain), merge, fetch and the pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import os
 import statistics
 from pathlib import Path
 
-from posttrain.cli.main import command
 from posttrain.config import add_dataclass_args, config_from_args
 from posttrain.errors import PosttrainError
 from posttrain.utils import check_writable
+
+COMMANDS = {}  # name -> (fn, help), in the order the commands are listed
+
+
+def command(name: str, help: str):
+    """Register ``fn(args)`` as a subcommand; ``fn.configure(parser)`` adds its flags."""
+    def wrap(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return wrap
 
 
 def _model_flags(p, default_model: str = "models/nano-gsm"):
@@ -241,8 +251,8 @@ _training_command("pretrain", "Train a small Llama-architecture base model from 
 # --------------------------------------------------------------------------------------- merge --
 @command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
 def cmd_merge(args):
-    from posttrain.trainers.common import push_folder
     from posttrain.trainers.export import merge_adapter
+    from posttrain.trainers.hub import push_folder
 
     out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
     print(f"merged {args.adapter} -> {out}")
@@ -291,7 +301,8 @@ cmd_fetch.configure = _configure_fetch
 # ------------------------------------------------------------------------------------ pipeline --
 @command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate (→ control arm), with a report (default: configs/nano.yaml).")
 def cmd_pipeline(args):
-    from posttrain.pipeline import DEFAULT_CONFIG, STAGE_LABELS, load_pipeline_config, run_pipeline
+    from posttrain.pipeline.report import STAGE_LABELS
+    from posttrain.pipeline.stages import DEFAULT_CONFIG, load_pipeline_config, run_pipeline
 
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,

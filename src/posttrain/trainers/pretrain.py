@@ -27,7 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.errors import PosttrainError
-from posttrain.trainers.common import MetricsLogger, NonFinite, build_scheduler, make_accelerator
+from posttrain.trainers.metrics import MetricsLogger
+from posttrain.trainers.run import NonFinite, make_accelerator
+from posttrain.trainers.setup import build_scheduler
 from posttrain.utils import atomic_dir, atomic_write, check_replaceable, seed_everything, write_json
 
 
