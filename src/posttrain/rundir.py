@@ -368,30 +368,31 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+def check_new_folder(path: str | os.PathLike, command: str, *, replace: bool = False, flag: str = "--output") -> None:
+    """Whether :func:`atomic_folder` may put a folder at ``path`` (one-line error if not): ``path`` is
+    absent or empty, or, with ``replace``, a folder ``command`` made whose record lists everything in it."""
+    path = Path(path)
+    check_writable(path, flag)
+    here = inspect(path, flag)
+    if here.state == "foreign":
+        raise PosttrainError(f"{flag} {path} already exists and posttrain did not write it; posttrain will not "
+                             f"replace it. Choose a new folder (or delete it yourself)")
+    if here.state == "ours" and not (replace and here.record.command == command and not here.unlisted):
+        why = (f"it holds files posttrain did not write ({_listing(here.unlisted)})" if here.unlisted and replace
+               else f"it holds a posttrain {here.record.command} output")
+        raise PosttrainError(f"{flag} {path} already exists and {why}; posttrain will not replace it. "
+                             f"Choose a new folder (or delete it yourself)")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, command: str, *, replace: bool = False, flag: str = "--output") -> Iterator[Path]:
     """Build a folder under a temp name, record everything in it as posttrain's, and move it into
     place when the block succeeds: a kill leaves either nothing new or the whole folder (and a
     stamped temp folder that the next run's sweep removes).
 
-    ``path`` must be absent or empty; with ``replace``, it may also be a folder ``command`` made
-    whose record lists everything in it (nothing of the user's would go with it). Checked before the
-    block runs and again before the swap."""
+    ``path`` must pass :func:`check_new_folder` (before the block runs, and again before the swap)."""
     path = Path(path)
-
-    def check() -> None:
-        here = inspect(path, flag)
-        if here.state == "foreign":
-            raise PosttrainError(f"{flag} {path} already exists and posttrain did not write it; posttrain will not "
-                                 f"replace it. Choose a new folder (or delete it yourself)")
-        if here.state == "ours" and not (replace and here.record.command == command and not here.unlisted):
-            why = (f"it holds files posttrain did not write ({_listing(here.unlisted)})" if here.unlisted and replace
-                   else f"it holds a posttrain {here.record.command} output")
-            raise PosttrainError(f"{flag} {path} already exists and {why}; posttrain will not replace it. "
-                                 f"Choose a new folder (or delete it yourself)")
-
-    check_writable(path, flag)
-    check()
+    check_new_folder(path, command, replace=replace, flag=flag)
     target = path.resolve()
     sweep_temp_folders(target.parent, target.name)
     tmp = make_temp_folder(target.parent, target.name)
@@ -400,7 +401,7 @@ def atomic_folder(path: str | os.PathLike, command: str, *, replace: bool = Fals
         (tmp / STAMP).unlink()
         write_json(tmp / RECORD, Record(command, created=sorted(os.listdir(tmp))).to_json())
         honour_umask(tmp)
-        check()
+        check_new_folder(path, command, replace=replace, flag=flag)
         if target.exists():
             old = make_temp_folder(target.parent, target.name)
             os.replace(target, old / "old")
