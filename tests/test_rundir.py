@@ -236,3 +236,24 @@ def test_temp_folders_of_dead_builders_are_swept_and_live_ones_kept(tmp_path):
     other = make_temp_folder(tmp_path, "other")
     assert sweep_temp_folders(tmp_path, "merged", say=lambda *_: None) == [dead]
     assert live.exists() and lookalike.exists() and other.exists() and not dead.exists()
+
+
+def test_a_failed_new_run_leaves_nothing_and_a_kept_one_stays(tmp_path):
+    from posttrain.rundir import discard_provisional
+
+    failed = RunDir.open(tmp_path / "a", "rl")
+    failed.entry("rl_config.json").write_text("{}")
+    kept = RunDir.open(tmp_path / "b", "rl")
+    kept.entry("metrics.jsonl").write_text("{}")
+    kept.keep()
+    (tmp_path / "empty").mkdir()
+    in_empty = RunDir.open(tmp_path / "empty", "rl")
+    in_empty.entry("rl_config.json").write_text("{}")
+    _owned(tmp_path / "old", "rl", created=("metrics.jsonl",))
+    resumed = RunDir.open(tmp_path / "old", "rl", resume=True)  # a resumed run is never discarded
+    discard_provisional()
+    assert not (tmp_path / "a").exists() and os.listdir(tmp_path / "empty") == []
+    assert (tmp_path / "b" / "metrics.jsonl").exists() and (tmp_path / "old" / "metrics.jsonl").exists()
+    assert RunDir(tmp_path / "a", "rl").check() == "new"  # the corrected rerun is not blocked
+    resumed.release()
+    kept.release()

@@ -123,10 +123,16 @@ def inspect(path: str | os.PathLike, flag: str = "--output") -> Folder:
     except OSError as e:
         raise PosttrainError(f"{flag} {path}: cannot read the folder ({e.strerror}); choose another {flag}") from None
     record = read_record(target)
-    entries = [n for n in names if n != LOCK and not (record and n == RECORD)]
+    entries = [n for n in names if n != LOCK and not (record and n == RECORD) and not _record_being_written(n)]
     if record is None:
         return Folder(path, target, "foreign" if entries else "empty")
     return Folder(path, target, "ours", record, [n for n in entries if n not in record.created])
+
+
+def _record_being_written(name: str) -> bool:
+    """The temp file of a record being written this instant (utils.atomic_write's name for it): a
+    folder that another posttrain process is claiming is not the user's for that."""
+    return name.startswith(f".{RECORD}.") and name.endswith(".tmp")
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
@@ -135,6 +141,7 @@ def _listing(names: list[str], limit: int = 3) -> str:
 
 # ----------------------------------------------------------------------------------- the run dir --
 _HELD: dict[Path, int] = {}  # folder -> lock fd, for every folder this process holds the lock of
+_PROVISIONAL: list[RunDir] = []  # runs of this process that made nothing worth keeping yet (see discard_provisional)
 
 
 class RunDir:
@@ -155,6 +162,7 @@ class RunDir:
         self.folder: Folder | None = None
         self._check_args: dict = {}
         self._fd: int | None = None
+        self._made_folder = False
 
     @classmethod
     def open(cls, path, command: str, *, flag: str = "--output", **check_args) -> RunDir:
@@ -209,6 +217,7 @@ class RunDir:
         """Make the folder if absent and take its lock; then check again (a run that held the lock
         before may have changed the folder)."""
         target = self.path.resolve()
+        self._made_folder = self._made_folder or not target.exists()
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -232,10 +241,40 @@ class RunDir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
             self._fd = _HELD[target] = fd
+        if self.plan in ("new", "overwrite") and self not in _PROVISIONAL:
+            _PROVISIONAL.append(self)
         self.check(**self._check_args)
 
+    def keep(self) -> None:
+        """The run made something worth keeping (a step, a result): a failure no longer discards it
+        (nor does one after :meth:`release`)."""
+        if self in _PROVISIONAL:
+            _PROVISIONAL.remove(self)
+
+    def discard(self) -> None:
+        """Undo a new run that failed before it made anything worth keeping: remove the entries it
+        recorded, its record and lock, and the folder if this run made it. A failed first attempt
+        leaves nothing behind, so nothing blocks the corrected rerun."""
+        target = self.path.resolve()
+        record = read_record(target) if self.record is not None else None
+        if record is not None and record.run_id == self.record.run_id:
+            for name in record.created:
+                entry = target / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif os.path.lexists(entry):
+                    entry.unlink()
+            (target / RECORD).unlink(missing_ok=True)
+        if self._fd is not None:
+            (target / LOCK).unlink(missing_ok=True)
+        self.release()
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only if empty
+
     def release(self) -> None:
-        """Let the next writer in (the lock file stays; it blocks nobody)."""
+        """The run is done: let the next writer in (the lock file stays; it blocks nobody)."""
+        self.keep()
         target = self.path.resolve()
         if self._fd is not None and _HELD.get(target) == self._fd:
             del _HELD[target]
@@ -292,6 +331,13 @@ class RunDir:
 
     def _write(self) -> None:
         write_json(self.path.resolve() / RECORD, self.record.to_json())
+
+
+def discard_provisional() -> None:
+    """After a failure: :meth:`RunDir.discard` every run of this process that made nothing worth
+    keeping yet (the CLI calls this when a command fails)."""
+    for run in list(_PROVISIONAL):
+        run.discard()
 
 
 def owned_entry(folder: str | os.PathLike, name: str, command: str | None = None) -> bool:
