@@ -7,7 +7,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "src" / "posttrain"
 
 RANK = {
-    "errors": 0, "utils": 0, "config": 0, "tokenization": 0, "startup": 0,
+    "errors": 0, "utils": 0, "config": 0, "tokenization": 0, "startup": 0, "rundir": 0,
     "tasks": 1, "engine": 2, "evaluation": 3, "losses": 3, "trainers": 4, "pipeline": 5, "cli": 6,
 }
 

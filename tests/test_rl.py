@@ -251,6 +251,31 @@ def test_custom_reward_loading_and_errors(toy_file):
         parse_reward("helpfulness")
 
 
+@pytest.mark.parametrize("returned,message", [
+    ("1111", "returned str '1111', not a list of 4 numbers"),
+    ({"a": 1.0}, "returned dict"),
+    (None, "returned NoneType"),
+    (1.0, "returned float"),
+    ([1.0, 0.0], "returned 2 rewards for 4 completions"),
+    ([1.0, "0.5", 0.0, 1.0], "returned '0.5' (str) for completion 1; rewards must be numbers"),
+    ([1.0, None, 0.0, 1.0], "returned None (NoneType) for completion 1"),
+    ([1.0, float("nan"), 0.0, 1.0], "returned nan for completion 1; rewards must be finite"),
+])
+def test_a_reward_of_the_wrong_shape_is_a_one_line_error_naming_it(returned, message):
+    from posttrain.tasks.rewards import WeightedReward
+
+    bad = WeightedReward("mine.f", lambda **kw: returned, 1.0)
+    with pytest.raises(PosttrainError) as e:
+        compute_rewards([bad], prompts=["p"] * 4, completions=["a"] * 4, answer=["1"] * 4)
+    assert "reward function 'mine.f'" in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+    import numpy as np
+    import torch
+
+    for ok in ([True, False, 1, 0.5], (1, 0, 1, 0), np.array([1.0, 0, 1, 0]), torch.tensor([1.0, 0, 1, 0])):  # numbers, any sequence
+        total, _ = compute_rewards([WeightedReward("ok", lambda ok=ok, **kw: ok, 2.0)], prompts=["p"] * 4, completions=["a"] * 4, answer=["1"] * 4)
+        assert total[1] == 0.0 and total[0] == 2.0
+
+
 def test_config_validation():
     with pytest.raises(PosttrainError, match="num-generations"):
         RLConfig(algo="grpo", num_generations=1)

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import LoadOptions, StageOptions
+from posttrain.engine import ENGINES
 from posttrain.engine.base import Engine, SamplingParams
+from posttrain.engine.models import DTYPES, resolve_device
+from posttrain.rundir import RunDir
 from posttrain.tasks.sources import Example
 from posttrain.tasks.task import Task
 from posttrain.utils import atomic_write, process_age_s, write_json
@@ -40,19 +43,26 @@ class EvalResult:
     """One record per question."""
 
     def save(self, output: str | Path) -> None:
-        """Write ``summary.json`` and ``records.jsonl`` (each atomically) into ``output``."""
-        output = Path(output)
-        with atomic_write(output / "records.jsonl") as f:
-            for r in self.records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        write_json(output / "summary.json", self.summary)
+        """Write ``summary.json`` and ``records.jsonl`` (each atomically) into ``output``: a new or
+        empty folder, or one an earlier evaluation wrote (see posttrain.rundir); never over a user's files."""
+        out = RunDir.open(output, "eval", rerun=True, expect=OUTPUTS)
+        try:
+            with atomic_write(out.entry("records.jsonl")) as f:
+                for r in self.records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            write_json(out.entry("summary.json"), self.summary)
+        finally:
+            out.release()
+
+
+OUTPUTS = ("records.jsonl", "summary.json")
 
 
 def evaluate(task: Task, examples: list[Example], engine: Engine, tokenizer, params: SamplingParams,
              progress: bool = True) -> EvalResult:
     """Generate for every example (``params.n`` samples each), grade, aggregate."""
     prompts_text = [task.prompt_text(ex, tokenizer) for ex in examples]
-    prompts = [task.encode_text(text, tokenizer) for text in prompts_text]
+    prompts = [task.encode_prompt(ex, tokenizer, text) for ex, text in zip(examples, prompts_text)]
     t0 = time.perf_counter()
     completions = engine.generate(prompts, params, progress=progress)
     elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -196,6 +206,13 @@ class EvalConfig(LoadOptions, StageOptions):
             raise PosttrainError(f"--limit must be >= 1, got {self.limit}")
         if self.num_samples > 1 and self.temperature == 0:
             raise PosttrainError("--num-samples > 1 needs sampling: set --temperature > 0 (e.g. 0.7)")
+        if self.show_samples < 0:
+            raise PosttrainError(f"--show-samples must be >= 0, got {self.show_samples}")
+        if self.engine not in ENGINES:
+            raise PosttrainError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise PosttrainError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
+        resolve_device(self.device)  # an unusable --device is said before any loading
 
     def sampling(self, task: Task) -> SamplingParams:
         stop = self.stop if self.stop is not None else task.stop_strings
@@ -209,6 +226,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     from posttrain.tasks import check_contamination, make_task
 
     phases = {"imports_and_setup": process_age_s()}  # process age at each phase's end
+    if cfg.output:  # before any work: the results may be written there (they are, once complete)
+        RunDir(cfg.output, "eval").check(rerun=True, expect=OUTPUTS)
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, fewshot=cfg.fewshot, data_dir=cfg.data_dir)
     check_contamination(trained_on(cfg.model), task.name, cfg.split)
     examples = task.examples(cfg.split, cfg.limit)

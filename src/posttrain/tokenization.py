@@ -8,6 +8,9 @@ completion cannot half-write it (four ``#`` tokens at temperature 0.7 rarely cam
 
 from __future__ import annotations
 
+import contextlib
+import re
+import weakref
 from typing import Iterable
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -53,3 +56,50 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_freque
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# ------------------------------------------------------------------ text from data, as plain text --
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the text of any of the tokenizer's special tokens (BOS, EOS, role markers,
+    reserved tokens), or None when it has none. Added tokens that are not special (``####``) are
+    ordinary text and not matched."""
+    try:
+        return _SPECIALS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in decoder.values() if getattr(t, "special", False)} | set(getattr(tokenizer, "all_special_tokens", []))
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+    with contextlib.suppress(TypeError):
+        _SPECIALS[tokenizer] = pattern
+    return pattern
+
+
+def holds_special_text(tokenizer, texts: Iterable[str]) -> bool:
+    """Whether any of ``texts`` contains the text of one of the tokenizer's special tokens."""
+    pattern = special_token_pattern(tokenizer)
+    return pattern is not None and any(pattern.search(t) for t in texts if t)
+
+
+def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], add_special_tokens: bool) -> list[int]:
+    """Token ids of the concatenated ``pieces`` (text, is_data): template text as the tokenizer reads
+    it (its special tokens are special), data text as plain text, so that special-token text in data
+    (a question holding ``<|im_start|>system``) becomes ordinary tokens and cannot open a role turn.
+    ``add_special_tokens`` wraps the whole as the tokenizer wraps one text (e.g. a leading BOS)."""
+    ids: list[int] = []
+    for text, is_data in pieces:
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=is_data)["input_ids"]
+    if not add_special_tokens:
+        return ids
+    probe = "".join(text for text, _ in pieces)
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):  # where the tokenizer put the text between its wrapping
+        if full[i:i + len(bare)] == bare:
+            return full[:i] + ids + full[i + len(bare):]
+    return ids

@@ -3,7 +3,10 @@
 from posttrain.engine.base import Completion, Engine, SamplingParams
 from posttrain.engine.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-__all__ = ["Completion", "Engine", "SamplingParams", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "make_engine"]
+__all__ = ["Completion", "Engine", "SamplingParams", "load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "make_engine",
+           "ENGINES"]
+
+ENGINES = ("auto", "fast", "hf")
 
 
 def make_engine(name: str, model, tokenizer, batch_size: int = 16, quantized_rollouts: str = "auto") -> Engine:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -30,7 +32,15 @@ def resolve_device(device: str | None = "auto") -> torch.device:
                                  "use --device cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PosttrainError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type == "mps":
+        if not (torch.backends.mps.is_available()):
+            raise PosttrainError(f"--device {device}: Apple's MPS is not usable here (it needs a Mac with Apple silicon and a "
+                                 "PyTorch built with MPS); use --device cpu or auto")
+    elif dev.type == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise PosttrainError(f"--device {device}: no Intel XPU is usable here (or PyTorch was built without XPU); "
+                                 "use --device cpu or auto")
+    elif dev.type != "cpu":
         raise PosttrainError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     return dev
 
@@ -100,6 +110,36 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     return tok
 
 
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers warns in many lines (a table of keys) when weights are missing, unused or oddly
+    tied; ``check_loaded`` says what matters in one line instead."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def check_loaded(model, info: dict, name: str) -> None:
+    """Refuse weights that match none of the model's tensors (it would run randomly initialised);
+    name, in one line, the tensors that start random when only some are missing."""
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return
+    expected = list(model.state_dict())
+    if len(missing) >= len(expected):
+        unused = sorted(info.get("unexpected_keys") or [])
+        seen = f" (they hold e.g. {unused[0]!r}, the model expects e.g. {missing[0]!r})" if unused else ""
+        raise PosttrainError(f"the weights of {name} match none of the model's tensors{seen}: they belong to another "
+                             "architecture or were saved under other names; check the model folder")
+    print(f"warning: {len(missing)} of the {len(expected)} tensors of {name} are not in its weights and start random "
+          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+
+
 def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                trust_remote_code: bool = False, quantization_config=None, attn_implementation: str | None = "sdpa"):
     """Any HF causal LM by hub id, local folder, posttrain model name or GGUF file (see
@@ -126,12 +166,17 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     if placed_at_load:
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        with _without_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(src.path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
-    except (SafetensorError, RuntimeError, EOFError, KeyError) as e:  # damaged weight files
-        raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+    except (SafetensorError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # damaged weight files
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        if "ignore_mismatched_sizes" in why:
+            why = "tensor shapes differ from the model's config.json"
+        raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {why}; "
                              "the files are damaged or incomplete: copy or fetch the model again") from None
+    check_loaded(model, info, name)
     if not placed_at_load:
         model.to(dev)
     model.eval()

