@@ -57,7 +57,9 @@ class RLConfig(TrainerOptions):
     algo: str = "grpo"
     """reinforce, grpo or rloo."""
     reward: list[str] = field(default_factory=lambda: ["correctness"])
-    """Reward functions NAME[:WEIGHT] or path/file.py:function[:WEIGHT] (repeatable)."""
+    """Reward functions NAME[:WEIGHT] (correctness, strict_correctness, strict_format, xml_count, int_answer,
+    length, random) or path/file.py:function[:WEIGHT] (repeatable). A file.py is imported and run by
+    posttrain: name only files you trust."""
     answers_only: bool = False
     """Train on the problems' final answers alone: worked solutions are dropped before anything (reward
     functions included) sees them, as with data that has answers but no solutions."""
