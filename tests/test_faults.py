@@ -1,5 +1,5 @@
-"""Fault injection: runs killed with SIGKILL at several points resume to the weights an uninterrupted
-run reaches; a pipeline killed mid-stage, or left with a half-written model folder, completes on rerun."""
+"""Fault injection: runs (SFT, RL, pretraining) killed with SIGKILL at several points resume to the weights an
+uninterrupted run reaches; a pipeline killed mid-stage, or left with a half-written model folder, completes on rerun."""
 
 import json
 import os
@@ -69,6 +69,26 @@ def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_model_dir, tmp_pat
     assert steps == sorted(set(steps)) and steps[-1] == (10 if command == "sft" else 6)
     assert not list((out / "checkpoints").glob(".*"))  # no temp folder of an interrupted save is left
 
+
+
+def test_killed_pretraining_resumes_to_the_uninterrupted_weights(tmp_path):
+    from test_pretrain import tiny_corpus, tiny_flags
+
+    opts = ["pretrain", "--corpus", tiny_corpus(tmp_path / "corpus.jsonl"), *tiny_flags(), "--max-steps", "12"]
+    _finish([*opts, "--output", tmp_path / "clean"])
+    out, logs = tmp_path / "killed", tmp_path / "killed.logs"
+    for i, rows in enumerate((2, 7)):
+        assert _kill_when(_cli([*opts, "--output", out] + (["--resume"] if i else [])), lambda r=rows: _rows(logs) >= r), \
+            "the run ended before it could be killed"
+        assert not (logs / "run_state.json").exists() and not (out / "model.safetensors").exists()
+    assert "resumed from" in _finish([*opts, "--output", out, "--resume"])
+    wa, wb = load_file(str(tmp_path / "clean" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+    steps = [json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    assert not list((logs / "checkpoints").glob(".*"))
 
 def _pipeline_yaml(tmp_path, model_dir):
     cfg = tmp_path / "pipe.yaml"

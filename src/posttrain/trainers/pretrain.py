@@ -20,23 +20,29 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.trainers.metrics import MetricsLogger
-from posttrain.trainers.run import NonFinite, make_accelerator
+from posttrain.trainers.run import RunOptions, TrainingRun
 from posttrain.trainers.setup import build_scheduler
 from posttrain.utils import atomic_dir, atomic_write, check_replaceable, seed_everything, write_json
 
+SAVE_DTYPES = ("bf16", "fp32")
 
-@dataclass
-class PretrainConfig:
+
+@dataclass(kw_only=True)
+class PretrainConfig(RunOptions):
+    # Options declared in RunOptions appear below only to set pretraining's default (and, with a
+    # docstring, its wording of them).
     output: str = "models/nano-gsm"
-    """Folder for the model (HF format: config, safetensors, tokenizer)."""
+    """Folder for the model (HF format: config, safetensors, tokenizer); the run itself (metrics.jsonl,
+    checkpoints/, its config and state) goes to OUTPUT.logs."""
     corpus: str = "runs/pretrain_corpus.jsonl.gz"
     """Corpus file (one JSON string per line, gzip ok); built from gsm_symbolic if it does not exist."""
     corpus_only: bool = False
@@ -66,7 +72,6 @@ class PretrainConfig:
     batch_size: int = 64
     """Rows per step."""
     max_steps: int = 4000
-    """Optimizer steps."""
     learning_rate: float = 3e-3
     """Peak learning rate."""
     warmup_steps: int = 200
@@ -77,10 +82,9 @@ class PretrainConfig:
     """Seed for initialisation and data order."""
     save_dtype: str = "bf16"
     """Dtype of the saved weights (bf16 keeps the committed model small)."""
-    max_bad_steps: int = 3
-    """Stop after this many consecutive steps with a NaN/inf loss (each is skipped, no update)."""
     logging_steps: int = 50
-    """Log every N steps."""
+    save_steps: int = 500
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -89,6 +93,14 @@ class PretrainConfig:
             raise PosttrainError("problem_set_share must be in [0, 1)")
         if not 0 <= self.marker_share <= 1:
             raise PosttrainError("marker_share must be in [0, 1]")
+        self.check_run()
+        require(self, {"max_steps": self.max_steps >= 1, "batch_size": self.batch_size >= 1, "seq_len": self.seq_len >= 2,
+                       "save_dtype": self.save_dtype in SAVE_DTYPES}, "pretrain")
+
+    @property
+    def run_folder(self) -> Path:
+        """Where the run keeps its metrics, checkpoints, config and state: beside the model folder."""
+        return Path(str(self.output) + ".logs")
 
 
 def _final_line(cot: str, answer: str, marker: bool) -> str:
@@ -152,26 +164,52 @@ def pipeline_test_questions() -> set[str]:
     return {e.question for e in GSMSymbolic().load("test")}
 
 
+class RowOrder:
+    """The corpus rows of each step: windows of ``per_step`` rows through a permutation, a fresh one
+    (the next from ``seed``'s generator) each time the window wraps. Any step's rows follow from the
+    step alone, so a resumed run reads the rows an uninterrupted one would."""
+
+    def __init__(self, n_rows: int, per_step: int, seed: int):
+        self.n_rows, self.per_step = n_rows, per_step
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n_rows, generator=self.generator)
+        self.step = 0  # the step self.order serves
+
+    def _start(self, step: int) -> int:
+        return (step * self.per_step) % max(1, self.n_rows - self.per_step + 1)
+
+    def rows(self, step: int) -> torch.Tensor:
+        """Row indices of ``step`` (0-based), for every rank; steps may repeat but never go back."""
+        if step < self.step:
+            raise ValueError(f"RowOrder serves steps in order: asked for {step} after {self.step}")
+        for s in range(self.step + 1, step + 1):
+            if self._start(s) < self.per_step:
+                self.order = torch.randperm(self.n_rows, generator=self.generator)
+        self.step = step
+        start = self._start(step)
+        return self.order[start:start + self.per_step]
+
+
 def train(cfg: PretrainConfig) -> dict:
+    """Pretrain; returns the final metrics. The model goes to ``cfg.output``, the run (metrics,
+    checkpoints: resumable, stopped gracefully by Ctrl-C/SIGTERM) to ``cfg.run_folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from posttrain.tokenization import train_bpe_tokenizer
 
-    check_replaceable(Path(cfg.output), "pretrain.json")  # before hours of training, not after
+    out = Path(cfg.output)
+    check_replaceable(out, "pretrain.json")  # before hours of training, not after
     corpus_path = Path(cfg.corpus)
-    if corpus_path.exists():
-        docs = load_corpus(corpus_path)
-    else:
-        docs = build_corpus(cfg.num_docs, cfg.problem_set_share, cfg.data_seed, pipeline_test_questions(), cfg.marker_share)
-        save_corpus(corpus_path, docs)
-        print(f"wrote {len(docs)} documents to {corpus_path}")
     if cfg.corpus_only:
-        return {"documents": len(docs)}
+        return {"documents": len(_corpus(cfg, corpus_path))}
+    run = TrainingRun(cfg, "pretrain", folder=cfg.run_folder)
+    if run.done is not None:
+        return run.done
+    docs = _corpus(cfg, corpus_path)
     if not docs:
         raise PosttrainError(f"corpus {corpus_path} is empty")
 
-    accelerator = make_accelerator()
-    device, is_main = accelerator.device, accelerator.is_main_process
+    acc = run.accelerator
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     tokenizer = train_bpe_tokenizer(docs[:40000], vocab_size=cfg.vocab_size)
@@ -179,9 +217,8 @@ def train(cfg: PretrainConfig) -> dict:
     stream = torch.tensor([t for doc in ids for t in ([tokenizer.bos_token_id] + doc + [tokenizer.eos_token_id])])
     n_rows = len(stream) // cfg.seq_len
     rows = stream[: n_rows * cfg.seq_len].view(n_rows, cfg.seq_len)
-    if is_main:
-        print(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(docs)} docs, {len(stream):,} tokens, {n_rows} rows "
-              f"({time.perf_counter() - t0:.1f}s)")
+    run.log(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(docs)} docs, {len(stream):,} tokens, {n_rows} rows "
+            f"({time.perf_counter() - t0:.1f}s)")
 
     mcfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -197,41 +234,25 @@ def train(cfg: PretrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, "cosine", cfg.warmup_steps, cfg.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    out = Path(cfg.output)
-    logger = MetricsLogger(Path(str(out) + ".logs"), is_main, [], {}, resume_step=None)
-    nonfinite = NonFinite(cfg.max_bad_steps, is_main)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(n_rows, generator=g)
-    per_step = cfg.batch_size * accelerator.num_processes
-    bar = tqdm(total=cfg.max_steps, desc="pretrain", disable=not is_main, unit="step")
+    model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps,
+                                              {"parameters": n_params, "corpus_tokens": int(len(stream))})
+    per_step = cfg.batch_size * run.world
+    order = RowOrder(n_rows, per_step, cfg.seed)
     model.train()
-    loss_val = float("nan")
-    for step in range(cfg.max_steps):
-        start = (step * per_step) % max(1, n_rows - per_step + 1)
-        if start < per_step and step > 0:
-            order = torch.randperm(n_rows, generator=g)
-        batch = rows[order[start:start + per_step]][accelerator.process_index::accelerator.num_processes].to(device)
-        with accelerator.autocast():
+    while run.running():
+        batch = rows[order.rows(run.step)][run.rank::run.world].to(run.device)
+        with acc.autocast():
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        accelerator.backward(loss)
+        acc.backward(loss)
         loss_val = loss.item()
-        if not nonfinite.ok(math.isfinite(loss_val), step + 1, None):
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-            continue
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
-            logger.log(step, {"loss": loss_val, "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss_val:.3f}")
-        bar.update(1)
-    bar.close()
+        run.optimizer_step(math.isfinite(loss_val), partial(dict, loss=loss_val), postfix=progress)
     elapsed = time.perf_counter() - t0
-    if is_main:
-        unwrapped = accelerator.unwrap_model(model)
+    final_loss = run.last.get("loss", float("nan"))
+
+    def save_model():
+        if not run.is_main:
+            return
+        unwrapped = acc.unwrap_model(model)
         unwrapped.config.use_cache = True
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -241,9 +262,25 @@ def train(cfg: PretrainConfig) -> dict:
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "pretrain.json", {
                 "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "parameters": n_params,
-                "tokens_seen": cfg.max_steps * per_step * cfg.seq_len, "corpus_tokens": int(len(stream)),
-                "final_loss": loss_val, "seconds": elapsed,
+                "tokens_seen": run.step * per_step * cfg.seq_len, "corpus_tokens": int(len(stream)),
+                "final_loss": final_loss, "seconds": elapsed,
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
-        print(f"saved {out} ({n_params / 1e6:.2f}M parameters, final loss {loss_val:.3f}, {elapsed:.0f}s)")
-    logger.close()
-    return {"parameters": n_params, "final_loss": loss_val, "seconds": elapsed}
+        print(f"saved {out} ({n_params / 1e6:.2f}M parameters, final loss {final_loss:.3f}, {elapsed:.0f}s)")
+
+    final = run.save_and_close(model, tokenizer, {}, save_model=save_model)
+    return {**final, "parameters": n_params, "final_loss": final_loss, "seconds": elapsed}
+
+
+def _corpus(cfg: PretrainConfig, path: Path) -> list[str]:
+    """The corpus file's documents, built (and written) first if the file does not exist."""
+    if path.exists():
+        return load_corpus(path)
+    docs = build_corpus(cfg.num_docs, cfg.problem_set_share, cfg.data_seed, pipeline_test_questions(), cfg.marker_share)
+    save_corpus(path, docs)
+    print(f"wrote {len(docs)} documents to {path}")
+    return docs
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures for a step."""
+    return {"loss": f"{metrics['loss']:.3f}"}
