@@ -83,7 +83,7 @@ def main():
         for fused in (True, False):
             eng = FastEngine(model, StubTokenizer(), batch_size=256, compile=False)
             if not fused:
-                eng._fusable = lambda: False
+                eng.adapter._fusable = lambda: False
             gp = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
             greedy[fused] = [c.token_ids for c in eng.generate(ps_of(16, seed=3), gp)]
             for batch in (64, 256):

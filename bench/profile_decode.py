@@ -36,14 +36,14 @@ def main():
     eng = FastEngine(model, StubTokenizer(), batch_size=256, use_cuda_graphs=False)
     p = SamplingParams(max_new_tokens=300, temperature=0.7, top_p=0.9, ignore_eos=True)
     eng.generate(prompts(256)[:256], SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9, ignore_eos=True))
-    st = eng._state(256, 512, p)
-    st["pos"][:256] = 300
+    spec = eng.scheduler.spec(256, 512, p)
+    eng.scheduler.rows.pos[:256] = 300
     with torch.inference_mode():
-        print("eager decode step ms:", timeit(lambda: eng._decode(st, 256, 448), 20))
+        print("eager decode step ms:", timeit(lambda: eng.scheduler.decode(spec, 256, 448), 20))
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                eng._decode(st, 256, 448)
+                eng.scheduler.decode(spec, 256, 448)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
         n, hkv, g, d, S = 256, 8, 4, 64, 448
