@@ -568,3 +568,11 @@ def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_mod
     assert ref[2].keys() == ours[2].keys() and len(ref[2]) == sum(p.requires_grad for p in model.parameters())
     for k in ref[2]:
         torch.testing.assert_close(ours[2][k], ref[2][k], atol=1e-5, rtol=1e-4)
+
+
+def test_quantized_rollouts_is_checked_before_a_model_loads(tmp_path):
+    from posttrain.trainers.rl import RLConfig
+
+    assert RLConfig(model="m", output=str(tmp_path / "o")).quantized_rollouts == "auto"
+    with pytest.raises(PosttrainError, match="unknown --quantized-rollouts 'int4'; choose one of auto, dequantized, 4bit"):
+        RLConfig(model="m", output=str(tmp_path / "o"), quantized_rollouts="int4")

@@ -357,7 +357,8 @@ def train(cfg: RLConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, cfg.max_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps, {"resolved": cfg.spec})
     policy = run.accelerator.unwrap_model(model)
-    engine = make_engine(cfg.engine, policy, tokenizer, max(cfg.rollout_batch_size, cfg.eval_batch_size if eval_examples else 0))
+    engine = make_engine(cfg.engine, policy, tokenizer, max(cfg.rollout_batch_size, cfg.eval_batch_size if eval_examples else 0),
+                         quantized_rollouts=cfg.quantized_rollouts)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
 
     synced = run.step  # the engine samples from the policy as it was at this step

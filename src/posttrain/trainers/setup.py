@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import LoadOptions, StageOptions, require
+from posttrain.engine.projections import QUANTIZED_ROLLOUTS
 from posttrain.errors import PosttrainError
 from posttrain.trainers.run import RunOptions
 
@@ -149,6 +150,10 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     """Seed for data order, initialisation, dropout and sampling."""
     engine: str = "auto"
     """Generation engine for rollouts and evaluations during training: fast, hf or auto (one per run)."""
+    quantized_rollouts: str = "auto"
+    """How the fast engine serves a QLoRA policy's 4-bit base: dequantized (a bf16 copy, merged at each
+    sync), 4bit (straight from the 4-bit weights, the adapter as its own low-rank product) or auto (the copy
+    when it leaves a quarter of the GPU's memory free)."""
     eval_steps: int
     """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_batch_size: int = 64
@@ -176,3 +181,5 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
                        "eval_steps": self.eval_steps >= 0})
         if self.method not in METHODS:
             raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.quantized_rollouts not in QUANTIZED_ROLLOUTS:
+            raise PosttrainError(f"unknown --quantized-rollouts {self.quantized_rollouts!r}; choose one of {', '.join(QUANTIZED_ROLLOUTS)}")

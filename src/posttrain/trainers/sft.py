@@ -237,7 +237,8 @@ def train(cfg: SFTConfig) -> dict:
             out["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
         if cfg.eval_accuracy_samples:
             policy = acc.unwrap_model(model)
-            engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
+            engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size,
+                                                  quantized_rollouts=cfg.quantized_rollouts)
             engine.sync_weights(policy)
             out.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples], cfg.eval_max_new_tokens, acc))
         return out
