@@ -364,6 +364,40 @@ def test_4bit_path_computes_from_the_packed_base_with_the_adapters_apart(tiny_to
     assert len(dequantized) == 7 * model.config.num_hidden_layers
 
 
+def test_transient_copy_is_built_for_each_rollout_and_freed_for_the_update(tiny_tokenizer, monkeypatch, capsys):
+    """quantized_rollouts=transient: the tokens of the kept copy (and of HF generate); ``release``
+    frees the copy, the KV cache and the graphs; the next rollout dequantizes and merges the trained
+    adapter again, and the notice is said once."""
+    from posttrain.engine import projections
+
+    dequantized = []
+    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
+    model = _with_lora(_quantized_stand_in(make_tiny_model(len(tiny_tokenizer))))
+    prompts, params = _prompts(tiny_tokenizer, 4), SamplingParams(max_new_tokens=20)
+    hf = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    engine = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="transient")
+    assert [c.token_ids for c in engine.generate(prompts, params)] == hf
+    per_copy = 7 * model.config.num_hidden_layers
+    assert len(dequantized) == per_copy and "built for each rollout and freed before the update" in capsys.readouterr().out
+    assert engine.adapter.weights is not None and engine.scheduler.kv is not None
+    engine.release()
+    assert engine.adapter.weights is None and engine.scheduler.kv is None and not engine.scheduler._graphs
+
+    _flip_adapters(model)  # a training step on the adapters, in place
+    hf2 = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    assert hf2 != hf
+    engine.sync_weights(model)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == hf2
+    assert len(dequantized) == 2 * per_copy and capsys.readouterr().out == ""  # built again, said once
+    assert engine.adapter.quantized_path == "transient"
+
+    kept = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="dequantized")
+    kept.generate(prompts, params)
+    weights = kept.adapter.weights
+    kept.release()  # only a transient copy is freed
+    assert kept.adapter.weights is weights and kept.scheduler.kv is not None
+
+
 def test_low_rank_projection_adds_each_adapter_as_peft_does(tiny_tokenizer, monkeypatch):
     """q|k|v from 4-bit layers with an adapter on k: the output is the PEFT modules' own, bit for bit,
     and it follows an adapter changed in place with no refresh."""
@@ -393,7 +427,8 @@ def test_low_rank_projection_adds_each_adapter_as_peft_does(tiny_tokenizer, monk
 
 def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys):
     """``auto``: the dequantized copy when it fits beside a quarter of the GPU kept free, else the
-    4-bit path; one line says which and why. Without a GPU, the copy (nothing to save)."""
+    4-bit path (never the transient copy, asked for only); one line says which and why. Without a
+    GPU, the copy (nothing to save)."""
     from posttrain.engine import projections
 
     monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
@@ -430,7 +465,7 @@ def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys
 def test_unknown_quantized_rollouts_is_a_one_line_error(tiny_model, tiny_tokenizer):
     from posttrain.errors import PosttrainError
 
-    with pytest.raises(PosttrainError, match="quantized_rollouts must be one of auto, dequantized, 4bit, got 'nf4'"):
+    with pytest.raises(PosttrainError, match="quantized_rollouts must be one of auto, dequantized, transient, 4bit, got 'nf4'"):
         make_engine("fast", tiny_model, tiny_tokenizer, 2, quantized_rollouts="nf4")
     with pytest.raises(PosttrainError, match="quantized_rollouts"):
         FastEngine(tiny_model, tiny_tokenizer, 2, quantized_rollouts="int4")

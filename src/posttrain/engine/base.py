@@ -132,6 +132,10 @@ class Engine:
         if policy is not self.model:
             raise ValueError("sync_weights: this engine serves another model; build an engine for this one")
 
+    def release(self) -> None:
+        """Free what only sampling needs until the next ``generate`` (the fast engine's transient copy
+        of a 4-bit base); nothing by default."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
         """Completions ordered prompt by prompt: [p0 s0, p0 s1, …, p1 s0, …]."""
         raise NotImplementedError

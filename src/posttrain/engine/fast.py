@@ -57,8 +57,9 @@ class FastEngine(Engine):
                  merge_weights: bool = True, quantized_rollouts: str = "auto"):
         """``quantized_rollouts`` (a bitsandbytes 4-bit base only): ``dequantized`` serves it from a
         dense copy with the adapters merged in (13 GiB more on an 8B model, rewritten at each sync),
+        ``transient`` from that copy built at each rollout and freed by ``release`` before the update,
         ``4bit`` straight from the 4-bit weights with the adapters as their own low-rank products (no
-        copy; a sync rewrites nothing), ``auto`` the copy when it fits (``projections.choose_quantized_path``)."""
+        copy; a sync rewrites nothing), ``auto`` by free memory (``projections.choose_quantized_path``)."""
         if compile is None:
             # Off by default: on an H100, torch.compile made a whole GSM8K evaluation of SmolLM2 take
             # 227 s from process start (85 s with warm caches) against 24 s (22 s) without it, while
@@ -87,6 +88,12 @@ class FastEngine(Engine):
         super().sync_weights(policy)
         if self.adapter.refresh():
             self.scheduler.drop_graphs()  # captured graphs point at the old tensors
+
+    def release(self) -> None:
+        """After a rollout: with ``quantized_rollouts=transient``, free the dense copy, the KV cache and
+        the graphs for the trainer's update; the next ``generate`` builds them again."""
+        if self.adapter.release():
+            self.scheduler.release()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:

@@ -100,7 +100,7 @@ class ModelAdapter:
         self.head_dtype = self.base.lm_head.weight.dtype
         self.merge_weights = merge_weights
         self.quantized_rollouts = quantized_rollouts
-        self.quantized_path: str | None = None  # "dequantized" or "4bit" once built, for a 4-bit base
+        self.quantized_path: str | None = None  # "dequantized", "transient" or "4bit" once built, for a 4-bit base
         self.weights: list[LayerProjections] | None = None  # built at the first build_weights
         self.fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
         self.compiled = compiled  # a plain bool: read inside the traced step
@@ -125,7 +125,7 @@ class ModelAdapter:
         if any(p is None for p in parts):
             self.merge_weights = False  # e.g. DoRA: call the modules instead
             return
-        if any(p.quantized for p in parts):
+        if self.quantized_path is None and any(p.quantized for p in parts):  # chosen (and said) once
             self.quantized_path, notice = choose_quantized_path(self.quantized_rollouts, self.copy_bytes(), self.dtype, self.device)
             print(notice)
 
@@ -136,6 +136,14 @@ class ModelAdapter:
 
         self.weights = [LayerProjections(**{k: projection(mods) for k, mods in g.items()}) for g in groups]
         self.fused = self._fusable()
+
+    def release(self) -> bool:
+        """Free a ``transient`` dense copy until the next ``build_weights``; True when freed (captured
+        graphs point into it)."""
+        if self.quantized_path != "transient" or self.weights is None:
+            return False
+        self.weights = None
+        return True
 
     def copy_bytes(self) -> int:
         """What serving a 4-bit base from a dense copy costs over serving it from its 4-bit weights (0 without one)."""

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from posttrain.errors import PosttrainError
 
-QUANTIZED_ROLLOUTS = ("auto", "dequantized", "4bit")
+QUANTIZED_ROLLOUTS = ("auto", "dequantized", "transient", "4bit")
 KEEP_FREE = 0.25
-"""``auto`` builds the dequantized copy only if, once it is built, this share of the GPU's memory is
-still free: room for the KV cache, the activations and the trainer's own step (optimizer states,
-gradients, log-prob forwards), which all come after the copy."""
+"""``auto`` keeps the dequantized copy for the whole run only if, once it is built, this share of the
+GPU's memory is still free: room for the KV cache, the activations and the trainer's own step
+(optimizer states, gradients, log-prob forwards), which all come after the copy."""
+
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
@@ -207,25 +208,32 @@ def check_quantized_rollouts(option: str) -> None:
 
 
 def choose_quantized_path(option: str, copy_bytes: int, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-    """("dequantized" or "4bit", a one-line notice of which and why) for a 4-bit base.
+    """("dequantized", "transient" or "4bit", a one-line notice of which and why) for a 4-bit base.
 
-    ``auto``: the dequantized copy whenever it fits beside a ``KEEP_FREE`` share of the GPU's memory,
-    as the path expected to be faster: one GEMM per group on dense weights with the adapters merged,
-    where the 4-bit path runs bitsandbytes layer by layer (its fused 4-bit kernel for few rows, else a
+    The dense copy (one GEMM per group on dense weights with the adapters merged) samples fastest;
+    the 4-bit path runs bitsandbytes layer by layer (its fused 4-bit kernel for few rows, else a
     dequantization then the same GEMM) and two small GEMMs per adapter (``bench/qlora_engine.py``
-    measures both). Else the 4-bit path, which needs no memory beyond the 4-bit base."""
+    measures both). ``transient`` builds the copy for each rollout and frees it (with the KV cache
+    and the graphs) before the update, whose peak then does not hold it: asked for only, since on an
+    H200 the memory allocated between its steps grew by 0.16 GiB a step (BENCHMARKS.md, issue 26).
+    ``auto``: the copy kept for the run when it fits beside a ``KEEP_FREE`` share of the GPU, else
+    the 4-bit path, which needs no memory beyond the 4-bit base."""
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     size = f"{copy_bytes / 2**30:.2f} GiB"
     copy = f"a {dt} copy of the 4-bit base ({size})"
+    transient = f"{copy}, built for each rollout and freed before the update"
     if option == "dequantized":
         return "dequantized", f"fast engine: rollouts from {copy}, as quantized_rollouts=dequantized asks"
+    if option == "transient":
+        return "transient", f"fast engine: rollouts from {transient}, as quantized_rollouts=transient asks"
     if option == "4bit":
         return "4bit", f"fast engine: rollouts straight from the 4-bit weights, as quantized_rollouts=4bit asks (saves a {size} {dt} copy)"
     mem = free_memory(device)
     if mem is None:
         return "dequantized", f"fast engine: rollouts from {copy}: no GPU memory to save on {device.type}"
     free, total = mem
-    room = f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free, {KEEP_FREE:.0%} kept free"
+    room = f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+    room = f"{room}, {KEEP_FREE:.0%} kept free"
     if copy_bytes + KEEP_FREE * total <= free:
-        return "dequantized", f"fast engine: rollouts from {copy}, which fits ({room}); quantized_rollouts=4bit saves that memory"
+        return "dequantized", f"fast engine: rollouts from {copy}, which fits ({room}); quantized_rollouts=transient or 4bit saves that memory"
     return "4bit", f"fast engine: rollouts straight from the 4-bit weights: {copy} does not fit ({room}); quantized_rollouts=dequantized forces it"

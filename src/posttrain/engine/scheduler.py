@@ -97,6 +97,11 @@ class Scheduler:
         self._graphs.clear()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
+    def release(self) -> None:
+        """Free the KV cache, the rows and the captured graphs; the next call allocates them again."""
+        self.drop_graphs()
+        self.kv = self.rows = None
+
     # ------------------------------------------------------------------------------------ a step --
     def sample(self, logits: torch.Tensor, p: SamplingParams):
         """Next token and its log-prob under softmax(logits / T); no host synchronisation.

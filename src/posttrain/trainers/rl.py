@@ -357,7 +357,9 @@ def train(cfg: RLConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, cfg.max_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps, {"resolved": cfg.spec})
     policy = run.accelerator.unwrap_model(model)
-    engine = make_engine(cfg.engine, policy, tokenizer, max(cfg.rollout_batch_size, cfg.eval_batch_size if eval_examples else 0),
+    # The engine's rows (its KV cache): no more than a step samples, unless evaluations ask for more.
+    rows = min(cfg.rollout_batch_size, cfg.per_device_batch_size * cfg.gradient_accumulation_steps)
+    engine = make_engine(cfg.engine, policy, tokenizer, max(rows, cfg.eval_batch_size if eval_examples else 0),
                          quantized_rollouts=cfg.quantized_rollouts)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
 
@@ -378,6 +380,7 @@ def train(cfg: RLConfig) -> dict:
     while run.running():
         policy.eval()
         rollout = collect_rollouts(current(engine), prompts, rollout_index, cfg, params, run.rank, run.world)  # 1. sample
+        engine.release()  # what only sampling needs (a transient copy of a 4-bit base) makes room for the update
         policy.train()
         score(rollout, prompts, reward_fns, task.template.style == "chat", run.device)               # 2. reward
         rollout.advantages, rollout.frac_groups_all_equal = compute_advantages(rollout.rewards, cfg)  # 3. advantage

@@ -38,10 +38,11 @@ def load_policy(cfg, device):
     model = load_model(cfg.model, cfg.dtype, str(device), cfg.trust_remote_code, quantization_config=quant)
     model.config.use_cache = False
     if cfg.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
 
-        if quant is not None:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # A 4-bit base is wrapped as it is, as seed 003 and TRL's trainers do: peft's
+        # prepare_model_for_kbit_training would upcast embeddings, norms and lm_head to fp32 (+4 GiB on
+        # an 8B model) and, through them, every activation the update keeps (about 2x its memory).
         targets = cfg.lora_target_modules or DEFAULT_LORA_TARGETS
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
@@ -152,8 +153,9 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     """Generation engine for rollouts and evaluations during training: fast, hf or auto (one per run)."""
     quantized_rollouts: str = "auto"
     """How the fast engine serves a QLoRA policy's 4-bit base: dequantized (a bf16 copy, merged at each
-    sync), 4bit (straight from the 4-bit weights, the adapter as its own low-rank product) or auto (the copy
-    when it leaves a quarter of the GPU's memory free)."""
+    sync), transient (that copy built for each rollout and freed before the update), 4bit (straight from
+    the 4-bit weights, the adapter as its own low-rank product) or auto (the copy when it leaves a quarter
+    of the GPU's memory free, else 4bit)."""
     eval_steps: int
     """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_batch_size: int = 64

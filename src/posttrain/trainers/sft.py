@@ -241,6 +241,7 @@ def train(cfg: SFTConfig) -> dict:
                                                   quantized_rollouts=cfg.quantized_rollouts)
             engine.sync_weights(policy)
             out.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples], cfg.eval_max_new_tokens, acc))
+            engine.release()  # a transient copy of a 4-bit base makes room for training again
         return out
 
     while run.running():
