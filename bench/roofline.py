@@ -211,12 +211,12 @@ def update_config(config_path: str, folder: str, tiny: bool) -> rl.RLConfig:
 
 
 def training_batch(cfg: rl.RLConfig, prompt_len: int, vocab: int, device) -> rl.Batch:
-    """One optimizer step's completions as the trainer batches them (``rl.build_rollout``): every one
+    """One optimizer step's completions as the trainer batches them (``rl.sequence_tensors``): every one
     ``max_new_tokens`` long."""
     rows = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     ps, cs = prompts(rows, seed=2, length=prompt_len, vocab=vocab), prompts(rows, seed=3, length=cfg.max_new_tokens, vocab=vocab)
     comps = [Completion(i // cfg.num_generations, c, "", "eos") for i, c in enumerate(cs)]
-    ids, attn, cmask = rl.build_rollout(ps, comps, 0, cfg.mask_truncated_completions, device)
+    ids, attn, cmask = rl.sequence_tensors(ps, comps, 0, cfg.mask_truncated_completions, device)
     advantages = torch.randn(rows, generator=torch.Generator().manual_seed(4)).to(device)
     return rl.Batch(ids, attn, cmask, advantages)
 
