@@ -197,8 +197,8 @@ class RunDir:
                                          "makes; remove it yourself or choose another " + self.flag)
                 plan = "overwrite"
             elif made_by != self.command:
-                raise PosttrainError(f"{where} holds a posttrain {made_by} run, not a {self.command} one; "
-                                     f"choose another {self.flag}")
+                raise PosttrainError(f"{where} holds a posttrain {made_by} run; posttrain {self.command} writes only into "
+                                     f"a new folder or its own: choose another {self.flag}")
             elif resume:
                 plan = "resume"
             elif rerun:

@@ -57,11 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         rc = args._run(args)
         return int(rc or 0)
     except PosttrainError as e:
+        discard_provisional()
         print(f"posttrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        discard_provisional()
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        discard_provisional()
+        raise
+
+
+def discard_provisional() -> None:
+    """A failed new run leaves nothing behind (see posttrain.rundir; not imported: no run folder was opened)."""
+    if "posttrain.rundir" in sys.modules:
+        sys.modules["posttrain.rundir"].discard_provisional()
 
 
 if __name__ == "__main__":
