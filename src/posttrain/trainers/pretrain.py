@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.config import require
 from posttrain.errors import PosttrainError
+from posttrain.rundir import RunDir, atomic_folder, check_new_folder
 from posttrain.trainers.common import MetricsLogger, NonFinite, build_scheduler, make_accelerator
-from posttrain.utils import atomic_dir, atomic_write, check_replaceable, seed_everything, write_json
+from posttrain.utils import atomic_write, seed_everything, write_json
 
 
 @dataclass
@@ -81,6 +83,15 @@ class PretrainConfig:
     """Log every N steps."""
 
     def __post_init__(self):
+        require(self, {"num_docs": self.num_docs >= 1, "data_seed": self.data_seed >= 0, "vocab_size": self.vocab_size >= 1,
+                       "hidden_size": self.hidden_size >= 1, "num_layers": self.num_layers >= 1, "num_heads": self.num_heads >= 1,
+                       "num_kv_heads": self.num_kv_heads >= 1, "intermediate_size": self.intermediate_size >= 1,
+                       "seq_len": self.seq_len >= 2, "batch_size": self.batch_size >= 1, "max_steps": self.max_steps >= 1,
+                       "learning_rate": self.learning_rate > 0, "warmup_steps": self.warmup_steps >= 0,
+                       "weight_decay": self.weight_decay >= 0, "seed": self.seed >= 0, "max_bad_steps": self.max_bad_steps >= 1,
+                       "logging_steps": self.logging_steps >= 1}, "pretrain")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise PosttrainError(f"unknown --save-dtype {self.save_dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise PosttrainError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if not 0 <= self.problem_set_share < 1:
@@ -129,10 +140,33 @@ def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: se
     return docs
 
 
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def load_corpus(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The documents of a corpus file (one JSON string per line, gzip ok); one-line errors naming the
+    file and line for anything else."""
+    if not path.is_file():
+        raise PosttrainError(f"--corpus {path} is not a file")
+    docs = []
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError as e:
+                    raise PosttrainError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)}); each line must be a "
+                                         "JSON string (a document)") from None
+                if not isinstance(doc, str):
+                    raise PosttrainError(f"{path}:{lineno}: expected a JSON string (a document), got {type(doc).__name__}")
+                docs.append(doc)
+    except UnicodeDecodeError:
+        raise PosttrainError(f"{path} is not UTF-8 text; give a corpus of JSON strings, one per line") from None
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        raise PosttrainError(f"{path} is not a gzip file, or a damaged one ({type(e).__name__}); check the corpus") from None
+    return docs
 
 
 def save_corpus(path: Path, docs: list[str]) -> None:
@@ -155,7 +189,9 @@ def train(cfg: PretrainConfig) -> dict:
 
     from posttrain.tokenization import train_bpe_tokenizer
 
-    check_replaceable(Path(cfg.output), "pretrain.json")  # before hours of training, not after
+    out, logs_dir = Path(cfg.output), Path(str(cfg.output) + ".logs")
+    check_new_folder(out, "pretrain", replace=True)  # before hours of training, not after: only an earlier pretrain's
+    RunDir(logs_dir, "pretrain").check(rerun=True, expect=["metrics.jsonl"])
     corpus_path = Path(cfg.corpus)
     if corpus_path.exists():
         docs = load_corpus(corpus_path)
@@ -196,8 +232,10 @@ def train(cfg: PretrainConfig) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, "cosine", cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    out = Path(cfg.output)
-    logger = MetricsLogger(Path(str(out) + ".logs"), is_main, [], {}, resume_step=None)
+    logs = RunDir.open(logs_dir, "pretrain", rerun=True, expect=["metrics.jsonl"]) if is_main else None
+    if logs:
+        logs.own("metrics.jsonl")
+    logger = MetricsLogger(logs_dir, is_main, [], {}, resume_step=None)
     nonfinite = NonFinite(cfg.max_bad_steps, is_main)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_rows, generator=g)
@@ -224,6 +262,8 @@ def train(cfg: PretrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.logging_steps == 0 or step == cfg.max_steps - 1:
             logger.log(step, {"loss": loss_val, "lr": scheduler.get_last_lr()[0]})
+            if logs:
+                logs.keep()  # a step's record: kept even if the run fails later
             bar.set_postfix(loss=f"{loss_val:.3f}")
         bar.update(1)
     bar.close()
@@ -231,10 +271,10 @@ def train(cfg: PretrainConfig) -> dict:
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+        dtype = SAVE_DTYPES[cfg.save_dtype]
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        with atomic_dir(out, replace_if="pretrain.json") as tmp:
+        with atomic_folder(out, "pretrain", replace=True) as tmp:
             unwrapped.to(dtype).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "pretrain.json", {
@@ -244,4 +284,6 @@ def train(cfg: PretrainConfig) -> dict:
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
         print(f"saved {out} ({n_params / 1e6:.2f}M parameters, final loss {loss_val:.3f}, {elapsed:.0f}s)")
     logger.close()
+    if logs:
+        logs.release()
     return {"parameters": n_params, "final_loss": loss_val, "seconds": elapsed}
