@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import time
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
+from posttrain.rundir import RunDir, inspect
 from posttrain.utils import atomic_dir, check_writable, honour_umask, process_age_s, write_json, write_jsonl
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -109,7 +112,7 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            write_jsonl(self.path, [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step])
+            write_jsonl(self.path, [r for r in read_metrics(self.path) if isinstance(r.get("step"), int) and r["step"] <= resume_step])
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -151,9 +154,25 @@ def _plain(v):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+    """The rows of a metrics.jsonl; damaged lines (not a JSON object with an integer step) are skipped
+    with a one-line warning."""
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: {path}: skipped {bad} damaged line(s)")
+    return rows
 
 
 # ---------------------------------------------------------------------------------- checkpoints --
@@ -173,29 +192,16 @@ class Checkpoints:
         self.keep = keep
 
     def _done(self) -> list[Path]:
-        """Checkpoints that finished saving, oldest first."""
-        if not self.root.exists():
+        """Checkpoints that finished saving, oldest first (``step-N`` folders: anything else in
+        ``checkpoints/`` is not posttrain's and left alone)."""
+        if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return sorted((p for p in self.root.glob("step-*") if _STEP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+                       and (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1]))
 
     def latest(self) -> Path | None:
         done = self._done()
         return done[-1] if done else None
-
-    def latest_intact(self, say=print) -> Path | None:
-        """The newest checkpoint whose files match its manifest; damaged ones are reported (one line
-        each) and skipped. Raises when checkpoints exist but none is intact."""
-        done = self._done()
-        for path in reversed(done):
-            problem = self.damage(path)
-            if problem is None:
-                return path
-            say(f"warning: checkpoint {path} is damaged ({problem}); trying an older one")
-        if done:
-            raise PosttrainError(f"every checkpoint in {self.root} is damaged; nothing to resume from. "
-                                 f"Start afresh with --overwrite")
-        return None
 
     @classmethod
     def damage(cls, path: Path) -> str | None:
@@ -205,10 +211,15 @@ class Checkpoints:
             return f"no {cls.MANIFEST}"
         try:
             files = json.loads(manifest.read_text())["files"]
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
             return f"{cls.MANIFEST} is unreadable"
+        if not (isinstance(files, dict) and all(isinstance(w, dict) and isinstance(w.get("size"), int)
+                                                and isinstance(w.get("crc32"), int) for w in files.values())):
+            return f"{cls.MANIFEST} is not one posttrain wrote"
         for name, want in files.items():
             f = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                return f"{cls.MANIFEST} names a file outside the checkpoint"
             if not f.is_file():
                 return f"{name} is missing"
             if f.stat().st_size != want["size"]:
@@ -264,13 +275,37 @@ class Checkpoints:
 
     def load(self, accelerator, path: Path) -> dict:
         accelerator.load_state(str(path), strict=False)
-        return json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0):
+            raise ValueError("trainer_state.json holds no step")
+        return state
+
+    def resume(self, accelerator, say=print) -> tuple[Path | None, dict]:
+        """Load the newest checkpoint that is intact and loads; one that fails to load (a damaged
+        pickle its manifest was written over, a file of another format) is reported and skipped like a
+        damaged one. (None, {}) when there is none; one-line error when every one is unusable."""
+        done = self._done()
+        for path in reversed(done):
+            problem = self.damage(path)
+            if problem is None:
+                try:
+                    return path, self.load(accelerator, path)
+                except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+                    problem = f"it does not load: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+            say(f"warning: checkpoint {path} is damaged ({problem}); trying an older one")
+        if done:
+            raise PosttrainError(f"every checkpoint in {self.root} is damaged; nothing to resume from. "
+                                 f"Start afresh with --overwrite")
+        return None, {}
 
     def _rotate(self) -> None:
         if self.keep <= 0:
             return
         for old in self._done()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+_STEP = re.compile(r"step-[0-9]+")
 
 
 def _crc32(path: Path) -> int:
@@ -281,19 +316,24 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None) -> None:
-    """A standard HF folder in ``output``: PEFT adapter (LoRA) or full model, plus the tokenizer."""
+def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None, own=None) -> None:
+    """A standard HF folder in ``output``: PEFT adapter (LoRA) or full model, plus the tokenizer.
+    ``own(*names)`` (``RunDir.own``) records each top-level name before it is written and refuses one
+    that something posttrain did not write holds."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
     if accelerator.is_main_process:
-        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours, left by a run killed while saving
+        own = own or (lambda *names: None)
+        own("model.tmp-final")
+        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours (recorded), left by a run killed while saving
         with atomic_dir(output / "model.tmp-final") as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if extra:
                 write_json(tmp / "posttrain.json", extra)
         final = output / "model.tmp-final"
+        own(*sorted(f.name for f in final.iterdir()))  # every name checked before any file moves
         # Move the finished files to the top of the output folder (where users look for them).
         for f in final.iterdir():
             dest = output / f.name
@@ -393,36 +433,91 @@ RESUMABLE = {"max_steps", "resume", "overwrite", "logging_steps", "eval_steps", 
              "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes"}
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int | None = None) -> dict | None:
-    """Check the output folder before a run. Returns the final state of an already finished run
-    that ``max_steps`` does not extend (when resuming it), else None. Refuses to mix a new run into
-    an old one's folder; ``--overwrite`` replaces only a folder that a posttrain run wrote."""
-    state_file = output / "run_state.json"
-    check_writable(output)
-    if output.exists() and any(output.iterdir()) and not (resume or overwrite):
-        raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
-    if resume and state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("finished") and (max_steps is None or state["step"] >= max_steps):
-            print(f"run in {output} already finished at step {state['step']}; nothing to do "
-                  f"(pass a larger --max-steps to continue it)")
+# Names a run writes at the top of its folder, checked before any work: none may be a user's file.
+RUN_FILES = ("run_state.json", "metrics.jsonl", "tensorboard", "wandb", "checkpoints", "model.tmp-final")
+MODEL_FILES = ("README.md", "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
+               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "posttrain.json")
+
+
+def _main_rank() -> bool:
+    """Whether this process is rank 0 (the launcher's RANK; a plain process is). Known before the
+    accelerator exists, which is when the run folder is claimed."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _read_state(state_file: Path) -> dict:
+    """A run's run_state.json; {} when absent; {} and a one-line warning when damaged (the run writes
+    it again when it ends)."""
+    if not state_file.exists():
+        return {}
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("finished", False), bool):
             return state
-    if overwrite and output.exists() and any(output.iterdir()):
-        if not any((output / name).exists() for name in RUN_MARKERS):
-            raise PosttrainError(f"--overwrite: {output} was not written by a posttrain run (no {' or '.join(RUN_MARKERS)}); "
-                                 f"refusing to delete it. Choose another --output")
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    print(f"warning: {state_file} is damaged; ignoring it (it is written again when the run ends)")
+    return {}
+
+
+def _started(output: Path) -> bool:
+    """Whether the run in ``output`` got anywhere: a logged step, a checkpoint or an end."""
+    metrics = output / "metrics.jsonl"
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (output / "run_state.json").exists()
+            or any(_STEP.fullmatch(p.name) for p in (output / "checkpoints").glob("step-*")))
+
+
+def prepare_output(run: RunDir, cfg, stage: str, lock: bool) -> dict | None:
+    """Claim the run folder before any work (see posttrain.rundir): a new or empty folder, or one a
+    posttrain ``stage`` run made, with --resume (continue it) or --overwrite (remove what the run
+    wrote, start afresh); ``lock``: take the one-writer lock (the main rank). A run of this command that
+    stopped before its first step is started afresh. Returns the final state of an already finished run
+    that ``max_steps`` does not extend (when resuming it), else None."""
+    output = run.path
+    expect = (f"{stage}_config.json", *RUN_FILES, *MODEL_FILES)
+    here = inspect(output)
+    if here.state == "ours" and here.record.command == stage and not cfg.overwrite and not _started(here.target):
+        print(f"note: the {stage} run in {output} stopped before its first step; starting it afresh")
+        run.check(overwrite=True, expect=expect)
+    else:
+        plan = run.check(resume=cfg.resume, overwrite=cfg.overwrite, expect=expect)
+        if cfg.resume and plan == "new":
+            print(f"note: --resume: nothing to resume in {output} (no run there yet); starting a new run")
+    if run.plan == "resume":
+        ckpts = output / "checkpoints"
+        if ckpts.exists() and not ckpts.is_dir():
+            raise PosttrainError(f"--resume: {ckpts} is not a folder; posttrain keeps its checkpoints there. Move it away")
+        if ckpts.is_dir():
+            check_writable(ckpts, "--resume: checkpoints")
+    if lock:
+        run.lock()
+    if run.plan != "resume":
+        return None
+    state = _read_state(output / "run_state.json")
+    if state.get("finished") and (cfg.max_steps is None or state["step"] >= cfg.max_steps):
+        print(f"run in {output} already finished at step {state['step']}; nothing to do "
+              f"(pass a larger --max-steps to continue it)")
+        run.release()
+        return state
     return None
 
 
-RUN_MARKERS = ("sft_config.json", "rl_config.json")  # what TrainingRun.prepare writes into every run folder
-
-
 def check_resumed_config(output: Path, saved_name: str, cfg) -> None:
-    """A resumed run must train as the interrupted one did: refuse changed options (one line)."""
+    """A resumed run must train as the interrupted one did: refuse changed options (one line). With
+    checkpoints to continue from, the saved options must be there and readable."""
     saved_file = output / saved_name
-    if not saved_file.exists():
-        return
-    saved = json.loads(saved_file.read_text())
+    has_checkpoints = bool(Checkpoints(output, 0)._done())
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.exists() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = "damaged"
+    if saved is None and not has_checkpoints:
+        return  # nothing to continue from: the run starts from step 0 and writes it
+    if not isinstance(saved, dict):
+        why = "is missing" if saved is None else "is damaged (not a JSON object)"
+        raise PosttrainError(f"--resume: {saved_file} {why}, so posttrain cannot check that this run trains as the "
+                             f"interrupted one did; put it back, or start afresh with --overwrite")
     now = json.loads(json.dumps(asdict(cfg), default=str))
     changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
     if changed:
@@ -482,10 +577,11 @@ class TrainingRun:
     def __init__(self, cfg, stage: str):
         self.cfg, self.stage = cfg, stage
         self.output = Path(cfg.output)
-        self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, getattr(cfg, "max_steps", None))
+        self.dir = RunDir(self.output, stage)  # claimed here, locked by the main rank, recorded in prepare
+        self.done = prepare_output(self.dir, cfg, stage, lock=_main_rank())
         if self.done is not None:
             return
-        if cfg.resume:
+        if self.dir.plan == "resume":
             check_resumed_config(self.output, f"{stage}_config.json", cfg)
         from posttrain.engine.registry import trained_on
         from posttrain.tasks import check_contamination, make_task
@@ -510,20 +606,26 @@ class TrainingRun:
     def prepare(self, model, optimizer, scheduler, total_steps: int, run_info: dict | None = None):
         """Wrap for the accelerator (DDP/FSDP), resume from the latest intact checkpoint, start the
         logger and write ``{stage}_config.json``. Returns the wrapped objects."""
-        acc = self.accelerator
-        if self.cfg.overwrite and self.is_main and self.output.exists():
-            shutil.rmtree(self.output)  # validated in prepare_output: a posttrain run's folder
+        acc, resuming = self.accelerator, self.dir.plan == "resume"
+        acc.wait_for_everyone()  # every rank has checked the folder before the main one writes
+        if self.is_main:
+            self.dir.start()  # --overwrite removes what the earlier run wrote, and only that
+            report = self.cfg.report_to
+            self.dir.own(f"{self.stage}_config.json", "metrics.jsonl", "checkpoints", "run_state.json",
+                         *(["tensorboard"] if "tensorboard" in report else []), *(["wandb"] if "wandb" in report else []))
         acc.wait_for_everyone()
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         Checkpoints.only_trainable(acc, model)
-        if self.cfg.resume and self.is_main:
+        if resuming and self.is_main:
             self.ckpts.clear_unfinished()
-        latest = self.ckpts.latest_intact(self.log) if self.cfg.resume else None
-        if self.cfg.resume and latest is None and (self.output / "run_state.json").exists():
-            raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
-                                 f"(save_steps was 0); start a new --output")
+        latest, state = self.ckpts.resume(acc, self.log) if resuming else (None, {})
+        if resuming and latest is None:
+            if _read_state(self.output / "run_state.json"):
+                raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
+                                     f"(save_steps was 0); start a new --output")
+            self.log(f"note: --resume: no checkpoint in {self.output}; the run starts again from step 0")
         if latest is not None:
-            self.step = self.ckpts.load(acc, latest)["step"]
+            self.step = state["step"]
             self.log(f"resumed from {latest} (step {self.step})")
         self.total_steps = total_steps
         self.logger = MetricsLogger(self.output, self.is_main, self.cfg.report_to, config_dict(self.cfg),
@@ -557,6 +659,8 @@ class TrainingRun:
             metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # since the process began
         if step % cfg.logging_steps == 0 or step == self.total_steps or any(k.startswith("eval_") for k in metrics):
             self.logger.log(step, metrics)
+        if self.is_main:
+            self.dir.keep()  # a step was made: a failure from here on leaves the run to --resume
         self.last = metrics
         self.bar.update(1)
         if postfix:
@@ -584,7 +688,8 @@ class TrainingRun:
         if cfg.save_steps and (latest is None or int(latest.name.split("-")[1]) != self.step):
             self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
         save_final_model(model, tokenizer, self.output, acc, extra={"stage": self.stage, **extra, "base_model": cfg.model,
-                                                                    "task": cfg.task, "trained_on": self.trained_on})
+                                                                    "task": cfg.task, "trained_on": self.trained_on},
+                         own=self.dir.own if self.is_main else None)
         final = {"finished": True, "step": self.step, **({"stopped_by_max_minutes": True} if self.out_of_time else {}),
                  **{k: v for k, v in self.last.items() if isinstance(v, (int, float))}}
         if self.is_main:
@@ -592,6 +697,7 @@ class TrainingRun:
         if cfg.push_to_hub and self.is_main:
             push_folder(self.output, cfg.push_to_hub)
         acc.wait_for_everyone()
+        self.dir.release()
         acc.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -604,6 +710,7 @@ class TrainingRun:
 
 
 MIXED_PRECISION = ("auto", "bf16", "no")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 def make_accelerator(mixed_precision: str = "auto"):
@@ -710,7 +817,23 @@ class TrainerOptions:
                        "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
                        "save_steps": getattr(self, "save_steps", 0) >= 0, "eval_steps": getattr(self, "eval_steps", 0) >= 0,
                        "save_total_limit": self.save_total_limit >= 0,
-                       "max_minutes": self.max_minutes is None or self.max_minutes > 0})
+                       "max_minutes": self.max_minutes is None or self.max_minutes > 0,
+                       "weight_decay": self.weight_decay >= 0, "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
+                       "max_grad_norm": self.max_grad_norm >= 0, "lora_alpha": self.lora_alpha > 0,
+                       "lora_target_modules": self.lora_target_modules is None or (bool(self.lora_target_modules)
+                                                                                   and all(self.lora_target_modules))})
+        from posttrain.engine import ENGINES
+        from posttrain.engine.models import DTYPES
+
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise PosttrainError(f"unknown --report-to {unknown[0]!r}; choose tensorboard, wandb or none")
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise PosttrainError(f"--report-to none cannot be combined with {', '.join(r for r in self.report_to if r != 'none')}")
+        if self.engine not in ENGINES:
+            raise PosttrainError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise PosttrainError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
         if self.mixed_precision not in MIXED_PRECISION:
             raise PosttrainError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         if self.method not in METHODS:
