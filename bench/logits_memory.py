@@ -1,7 +1,7 @@
 """Peak GPU memory of one RL micro-batch's forward + backward on the Llama-3.2-1B shape (vocabulary
 128,256), LoRA r=16 on every projection, bf16 autocast: log-probs through the whole-batch fp32
 log-softmax (posttrain before issue 12) against ``losses.policy.token_logprobs`` (chunked, softmax
-recomputed in backward) and against ``trainers.rl.sequence_logprobs`` as RL runs it now (the lm_head
+recomputed in backward) and against ``trainers.logprobs.sequence_logprobs`` as RL runs it now (the lm_head
 fused into the chunks: no [N, T, V] logits at all). Also checks that all give the same log-probs and
 gradients.
 
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, llama32_1b  # noqa: E402
 from posttrain.losses.policy import token_logprobs  # noqa: E402
-from posttrain.trainers.rl import sequence_logprobs  # noqa: E402
+from posttrain.trainers.logprobs import sequence_logprobs  # noqa: E402
 
 
 def full_softmax(logits, tokens):

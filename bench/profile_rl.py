@@ -20,16 +20,13 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import build_config, load_yaml
-from posttrain.trainers import common, rl
-from posttrain.utils import process_age_s
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_time, sync, timed  # noqa: E402
+from posttrain.config import build_config, load_yaml  # noqa: E402
+from posttrain.trainers import rl, run  # noqa: E402
+from posttrain.utils import process_age_s  # noqa: E402
 
 PARTS = ("collect_rollouts", "score", "training_batch", "fill_logprobs", "update")
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main():
@@ -54,15 +51,12 @@ def main():
     for name in PARTS:  # the loop calls these by their module-level names
         fn = getattr(rl, name)
 
-        def timed(*a, _fn=fn, _name=name, **k):
-            sync()
-            t = time.perf_counter()
-            out = _fn(*a, **k)
-            sync()
-            current[_name] += time.perf_counter() - t
+        def timed_part(*a, _fn=fn, _name=name, **k):
+            out, seconds = timed(_fn, *a, **k)
+            current[_name] += seconds
             return out
 
-        setattr(rl, name, timed)
+        setattr(rl, name, timed_part)
 
     prof = None
     if args.profile_step and torch.cuda.is_available():
@@ -71,7 +65,7 @@ def main():
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                        schedule=schedule(wait=args.profile_step - 1, warmup=0, active=1, repeat=1))
         prof.start()
-    end_step = common.TrainingRun.end_step
+    end_step = run.TrainingRun.end_step
     last = {"t": None}
 
     def timed_end(self, metrics, postfix=None):
@@ -92,15 +86,17 @@ def main():
         if prof is not None:
             prof.step()
 
-    common.TrainingRun.end_step = timed_end
+    run.TrainingRun.end_step = timed_end
     rl.train(cfg)
     result = {"date": str(datetime.date.today()), "torch": torch.__version__, "config": args.config, "overrides": overrides,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": step_parts}
     if prof is not None:
         prof.stop()
         events = prof.key_averages()
-        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        # The step's own annotation (ProfilerStep#N) is a CUDA-side event spanning the whole step: not a kernel.
+        kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")]
         result["profiled_step"] = args.profile_step
+        result["device_time"] = device_time(prof)  # kernel time by category, busy time, launches (bench/common.py)
         result["cuda_kernels_launched"] = sum(e.count for e in kernels)
         result["cuda_time_s"] = round(sum(e.self_device_time_total for e in kernels) / 1e6, 4)
         result["top_kernels"] = [{"name": e.key[:120], "count": e.count, "ms": round(e.self_device_time_total / 1e3, 2)}

@@ -1,92 +1,218 @@
-"""The fast engine on a QLoRA policy (4-bit NF4 base, double quantization, bf16 compute, LoRA r 16 on
-every projection with non-zero adapters) against HF generate on the same model: greedy agreement and
-throughput. Llama-3.2-1B shape with random weights, quantized at load as seed 003 does.
+"""The fast engine on a QLoRA policy, both ways it can serve the 4-bit base (issue 26):
 
-    python bench/qlora_engine.py --out bench/results/qlora_engine_DEVICE_DATE.json
+* ``dequantized``: a bf16 copy of the base with the LoRA adapters merged in (rewritten at each sync);
+* ``4bit``: straight from the NF4 weights with bitsandbytes' kernels, each adapter its own low-rank
+  product (nothing rewritten at a sync).
+
+The policy is built as seed 003's run builds it (``configs/grpo_llama31_8b.yaml``): a model of the shape
+with random bf16 weights, saved, loaded NF4 + double quantization + bf16 compute,
+``prepare_model_for_kbit_training``, LoRA from the config (r 8, alpha 32, all seven projections), its
+``lora_B`` made non-zero so the adapters matter. For HF generate and each path, in this order and in one
+process: greedy agreement with HF generate (16 prompts × 64 tokens, token-level %), the rollout of one
+GRPO step with the config's settings (8 prompts × G 4 = 32 completions, 256 new tokens, T 0.7, top-p 0.9,
+an engine of 64 rows as ``posttrain rl`` builds it; median of 3 after a warm-up call that captures the
+graphs), ``sync_weights`` after an in-place change of the adapters, and the peak GPU memory of the path
+(allocated by PyTorch, the 4-bit model included; the previous path's engine freed first). Random weights
+never emit EOS; completions run to their limit (``ignore_eos``), as in the seed recipes' benchmark.
+
+On one GPU (H200 or H100); the 8B shape writes and loads a 16 GB model first (a few minutes, not yet
+timed); ``--paths 4bit`` or ``--paths dequantized`` measures one path alone (both by default):
+
+    python bench/qlora_engine.py --shape llama31-8b --out bench/results/qlora_engine_8b_DEVICE_DATE.json
+    python bench/qlora_engine.py --shape llama32-1b --out bench/results/qlora_engine_1b_DEVICE_DATE.json
+
+Smoke run on a CPU (a tiny Llama, bitsandbytes' CPU kernels; needs bitsandbytes; a few minutes on 2 cores):
+
+    python bench/qlora_engine.py --shape tiny --out /tmp/qlora_engine_tiny.json
+
+Add ``--compute-dtype fp32`` to separate rounding from logic (fp32 compute: HF and both paths should agree
+token for token).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, llama32_1b  # noqa: E402
+from common import SHAPES, device_name  # noqa: E402
 from posttrain.engine import SamplingParams, load_model  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
 from posttrain.engine.hf import HFEngine  # noqa: E402
-from posttrain.trainers.common import bnb_4bit_config  # noqa: E402
+from posttrain.engine.projections import choose_quantized_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "grpo_llama31_8b.yaml"
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, hidden_act="silu")
+GIB = 2**30
 
 
 class StubTokenizer:
     pad_token_id = 0
-    eos_token_id = 128001
+    eos_token_id = 2
 
     def decode(self, ids, skip_special_tokens=True):
         return ""
 
 
-def timed(engine, prompts, params):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = engine.generate(prompts, params)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    return out, dt, sum(len(c.token_ids) for c in out) / dt
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def main():
-    from peft import LoraConfig, get_peft_model
+def write_model(shape: dict, folder: str, device: torch.device) -> None:
+    """A model of ``shape`` with random weights, made in bf16 (an 8B model never exists in fp32), saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="qlora_engine.json")
-    ap.add_argument("--compute-dtype", default="bf16", help="bf16 (seed 003) or fp32 (separates rounding from logic)")
-    args = ap.parse_args()
-    folder = tempfile.mkdtemp()
-    llama32_1b().save_pretrained(folder)
-    quant = bnb_4bit_config()
-    if args.compute_dtype == "fp32":
-        quant.bnb_4bit_compute_dtype = torch.float32
-    model = load_model(folder, args.compute_dtype, "cuda", quantization_config=quant)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+    finally:
+        torch.set_default_dtype(prev)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def qlora_policy(folder: str, cfg: dict, compute_dtype: torch.dtype, device: torch.device):
+    """Seed 003's policy: NF4 with double quantization at load, prepared for k-bit training, LoRA on top."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    model = load_model(folder, compute_dtype, str(device), quantization_config=quant)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                                             bias="none", task_type="CAUSAL_LM", target_modules=cfg["lora_target_modules"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
+    model.eval()
+    model.generation_config.eos_token_id = StubTokenizer.eos_token_id
+    return model
+
+
+def flip_adapters(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1)
+
+
+def timed(engine, prompts, params, device):
+    sync(device)
+    t = time.perf_counter()
+    out = engine.generate(prompts, params)
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def agreement(ref, got) -> dict:
+    """Token-level agreement (same token at the same position) and where sequences first differ."""
+    pairs = [(a, b) for x, y in zip(ref, got) for a, b in zip(x.token_ids, y.token_ids)]
+    first = [next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)) if a != b), len(x.token_ids)) for x, y in zip(ref, got)]
+    return {"tokens_agree_pct": round(100 * sum(a == b for a, b in pairs) / len(pairs), 2),
+            "sequences_identical": sum(x.token_ids == y.token_ids for x, y in zip(ref, got)), "of": len(ref),
+            "mean_first_divergence": round(sum(first) / len(first), 1)}
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None
+
+
+def free_engine(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["tiny", *sorted(SHAPES)], default="llama31-8b")
+    ap.add_argument("--out", default="qlora_engine.json")
+    ap.add_argument("--compute-dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (seed 003) or fp32")
+    ap.add_argument("--paths", default="4bit,dequantized", help="which of the engine's paths to measure, in order")
+    args = ap.parse_args()
+    cfg = yaml.safe_load(CONFIG.read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.compute_dtype]
+    shape = TINY if args.shape == "tiny" else SHAPES[args.shape]
     tok = StubTokenizer()
-    model.generation_config.eos_token_id = tok.eos_token_id
+    row = {"device": device_name(), "torch": torch.__version__, "shape": args.shape, "compute_dtype": args.compute_dtype,
+           "date": time.strftime("%Y-%m-%d"), "config": str(CONFIG.relative_to(ROOT))}
+    try:
+        import bitsandbytes
+
+        row["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        sys.exit("bench/qlora_engine.py needs bitsandbytes: pip install bitsandbytes")
+
+    with tempfile.TemporaryDirectory(prefix="qlora-engine-") as folder:
+        t = time.perf_counter()
+        write_model(shape, folder, device)
+        model = qlora_policy(folder, cfg, compute_dtype, device)
+        row["build_s"] = round(time.perf_counter() - t, 1)
+    row["model_gib"] = round(torch.cuda.memory_allocated() / GIB, 2) if device.type == "cuda" else None
+    copy = FastEngine(model, tok, 1).adapter.copy_bytes()
+    row["dense_copy_gib"] = round(copy / GIB, 2)
+    row["auto_choice"], row["auto_notice"] = choose_quantized_path("auto", copy, compute_dtype, device)
+
+    vocab = shape["vocab_size"]
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1000, 120000, (64, 160), generator=g).tolist()
-    rows = {"device": device_name(), "torch": torch.__version__, "model": "Llama-3.2-1B shape, NF4 + LoRA r16",
-            "compute_dtype": args.compute_dtype}
+    greedy_prompts = torch.randint(3, vocab, (16, 160), generator=g).tolist()
+    step_prompts = torch.randint(3, vocab, (32 // cfg["num_generations"], 180), generator=g).tolist()
     greedy = SamplingParams(max_new_tokens=64, ignore_eos=True)
-    hf, rows["hf_greedy_s"], _ = timed(HFEngine(model, tok, 64), prompts[:16], greedy)
-    fast_engine = FastEngine(model, tok, 256)
-    t = time.perf_counter()
-    fast, _, _ = timed(fast_engine, prompts[:16], greedy)
-    rows["fast_first_call_s"] = round(time.perf_counter() - t, 2)
-    same_tok = [sum(a == b for a, b in zip(x.token_ids, y.token_ids)) for x, y in zip(hf, fast)]
-    first_diff = [next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)) if a != b), 64) for x, y in zip(hf, fast)]
-    rows.update(greedy_identical_sequences=sum(d == 64 for d in first_diff), of=len(hf),
-                identical_tokens=sum(same_tok), tokens=64 * len(hf), mean_first_divergence=sum(first_diff) / len(hf))
-    sample = SamplingParams(max_new_tokens=300, temperature=0.7, top_p=0.9, ignore_eos=True, seed=0)
-    _, rows["hf_rollout_s"], rows["hf_tokens_per_s"] = timed(HFEngine(model, tok, 64), prompts, sample)
-    _, rows["fast_rollout_s"], rows["fast_tokens_per_s"] = timed(fast_engine, prompts, sample)
-    rows["fast_over_hf"] = rows["fast_tokens_per_s"] / rows["hf_tokens_per_s"]
-    t = time.perf_counter()
-    fast_engine.sync_weights(model)
-    torch.cuda.synchronize()
-    rows["sync_weights_s"] = time.perf_counter() - t  # dequantize + merge, per optimizer step
-    rows["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(rows))
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    rollout = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                             n=cfg["num_generations"], ignore_eos=True, seed=0)
+    free_engine(device)
+    ref, row["hf_greedy_s"] = timed(HFEngine(model, tok, 16), greedy_prompts, greedy, device)
+    row["hf_greedy_s"] = round(row["hf_greedy_s"], 2)
+    row["hf_peak_gib"] = peak_gib(device)
+
+    for path in args.paths.split(","):
+        free_engine(device)
+        r = {}
+        engine = FastEngine(model, tok, 64, quantized_rollouts=path)
+        got, r["first_call_s"] = timed(engine, greedy_prompts, greedy, device)  # builds the weights, captures graphs
+        r["first_call_s"] = round(r["first_call_s"], 2)
+        r.update(agreement(ref, got))
+        timed(engine, step_prompts, rollout, device)  # warm-up: the rollout's graphs
+        times = [timed(engine, step_prompts, rollout, device)[1] for _ in range(3)]
+        r["rollout_s"] = round(statistics.median(times), 3)
+        r["rollout_tokens_per_s"] = round(len(step_prompts) * rollout.n * rollout.max_new_tokens / r["rollout_s"])
+        flip_adapters(model)  # an optimizer step on the adapters, in place
+        sync(device)
+        t = time.perf_counter()
+        engine.sync_weights(model)
+        sync(device)
+        r["sync_weights_s"] = round(time.perf_counter() - t, 4)
+        timed(engine, step_prompts, rollout, device)  # a rollout after the sync
+        r["peak_gib"] = peak_gib(device)
+        flip_adapters(model)  # back to the adapters HF generate ran with, for the next path
+        row[path] = r
+        print(json.dumps({path: r}), flush=True)
+        del engine, got
+    Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps(row, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ class StubTokenizer:
         return ""
 
 
-def prompts(n, seed=0):
+def prompts(n, seed=0, length=PROMPT, vocab=120000):
+    """``n`` random prompts of ``length`` ids in [1000, vocab) (the lower half of a small vocabulary's excluded)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1000, 120000, (n, PROMPT), generator=g).tolist()
+    return torch.randint(min(1000, vocab // 2), vocab, (n, length), generator=g).tolist()
 
 
 def floor_tokens_per_s(model, batch, bw, mean_ctx):

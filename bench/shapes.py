@@ -1,7 +1,7 @@
 """Write a model folder of a published shape (random bf16 weights, stand-in tokenizer with the real
 vocabulary size) for the side-by-side runs: no hub needed.
 
-    python bench/shapes.py llama31-8b /tmp/llama31-8b --data-dir DIR    # or llama32-1b
+    python bench/shapes.py llama31-8b /tmp/llama31-8b --data-dir DIR    # or llama32-1b, smollm2-135m, qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import sys
 import torch
 
 from conftest import make_tiny_model, random_rl_batch
-from posttrain.trainers.common import make_accelerator
 from posttrain.trainers.rl import Batch, RLConfig, update
+from posttrain.trainers.run import make_accelerator
 
 out, loss_type = sys.argv[1], sys.argv[2]
 acc = make_accelerator()

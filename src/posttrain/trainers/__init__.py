@@ -1,1 +1,1 @@
-"""Trainers: SFT and RL loops built on accelerate, plus shared plumbing."""
+"""Trainers: SFT, RL and pretraining, each a loop on the run scaffolding of run.py (see ARCHITECTURE.md)."""

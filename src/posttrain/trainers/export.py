@@ -1,4 +1,4 @@
-"""Merging LoRA adapters into standalone models, 4-bit export and pushing to the hub (seed 003's end)."""
+"""Merging LoRA adapters into standalone models and 4-bit export (seed 003's end; pushing: ``hub``)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str
 def export_4bit(model_dir: Path, output: Path, replace: bool = False) -> Path:
     """Save a 4-bit NF4 (double-quantised) copy of a model folder, as seed 003 does."""
     from posttrain.engine.models import load_model, load_tokenizer
-    from posttrain.trainers.common import bnb_4bit_config
+    from posttrain.trainers.setup import bnb_4bit_config
 
     quant = load_model(str(model_dir), "bf16", "auto", quantization_config=bnb_4bit_config())
     with atomic_folder(output, "merge", replace=replace) as tmp:

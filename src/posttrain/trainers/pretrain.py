@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from posttrain.config import require
 from posttrain.errors import PosttrainError
 from posttrain.rundir import RunDir, atomic_folder, check_new_folder
-from posttrain.trainers.common import MetricsLogger, NonFinite, build_scheduler, make_accelerator
+from posttrain.trainers.metrics import MetricsLogger
+from posttrain.trainers.run import NonFinite, make_accelerator
+from posttrain.trainers.setup import build_scheduler
 from posttrain.utils import atomic_write, seed_everything, write_json
 
 

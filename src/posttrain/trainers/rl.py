@@ -22,37 +22,21 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from posttrain.config import require
-from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
-from posttrain.losses.policy import (
-    ADVANTAGES,
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    StepSize,
-    agg_token_mean,
-    linear_token_logprobs,
-    policy_loss,
-    token_logprobs,
-)
+from posttrain.evaluation import accuracy_eval
+from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss
 from posttrain.tasks import make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
-from posttrain.trainers.common import (
-    TrainerOptions,
-    TrainingRun,
-    accuracy_eval,
-    build_optimizer,
-    build_scheduler,
-    count_parameters,
-    data_splits,
-    epoch_indices,
-    load_policy,
-    warmup_steps_for,
-)
+from posttrain.trainers.data import data_splits, epoch_indices
+from posttrain.trainers.logprobs import reference_logprobs, sequence_logprobs
+from posttrain.trainers.run import TrainingRun
+from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, load_reference, warmup_steps_for
 from posttrain.utils import seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
@@ -63,8 +47,10 @@ ALGORITHMS = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RLConfig(TrainerOptions):
+    # Options declared in TrainerOptions or RunOptions appear below only to set RL's default (and, with a
+    # docstring, RL's wording of them).
     # -- what to train
     ref_model: str | None = None
     """Reference policy for the KL penalty; default: the starting policy (with LoRA, the adapter switched off)."""
@@ -77,7 +63,6 @@ class RLConfig(TrainerOptions):
     """Train on the problems' final answers alone: worked solutions are dropped before anything (reward
     functions included) sees them, as with data that has answers but no solutions."""
     output: str = "runs/rl"
-    """Output folder."""
     # -- rollouts
     num_generations: int = 4
     """Samples per prompt (GRPO/RLOO group size G; REINFORCE uses 1 unless set higher)."""
@@ -93,15 +78,11 @@ class RLConfig(TrainerOptions):
     """Sequences generated together."""
     # -- optimisation
     max_steps: int = 100
-    """Optimizer steps."""
     num_iterations: int = 1
     """Updates per rollout batch (>1 reuses rollouts with the clipped importance ratio)."""
     learning_rate: float = 1e-5
-    """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
-    """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.0
-    """Share of steps spent warming up."""
     beta: float = 0.04
     """KL coefficient β (0 disables the KL term and the reference forward)."""
     kl_estimator: str | None = None
@@ -125,11 +106,9 @@ class RLConfig(TrainerOptions):
     """Upper clip range ε_high (DAPO raises it, e.g. 0.28)."""
     # -- runtime
     eval_steps: int = 50
-    """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_samples: int = 64
     """Held-out problems per evaluation."""
     save_steps: int = 100
-    """Checkpoint every N steps (0 disables)."""
 
     def __post_init__(self):
         if self.algo not in ALGORITHMS:
@@ -276,7 +255,7 @@ def compute_advantages(rewards: torch.Tensor, cfg: RLConfig) -> tuple[torch.Tens
     return adv, all_equal
 
 
-def build_rollout(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
+def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
     """Right-padded prompt+completion rows and a mask over the generated tokens (up to and including
     EOS; never prompt or padding). Position t of the mask scores the token at t + 1."""
     rows = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
@@ -300,61 +279,9 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
     used = list(range(len(rollout.completions)))
     if cfg.drop_zero_advantage and cfg.beta == 0:
         used = (rollout.advantages != 0).nonzero()[:, 0].tolist() or [0]
-    ids, attn, cmask = build_rollout([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
+    ids, attn, cmask = sequence_tensors([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
                                      pad_id, cfg.mask_truncated_completions, device)
     return Batch(ids, attn, cmask, rollout.advantages[used])
-
-
-# Families whose logits are exactly lm_head(final hidden state): no scaling or soft-capping after it.
-FUSED_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def output_head(model):
-    """The plain ``nn.Linear`` lm_head of ``model`` (through DDP/FSDP and PEFT wrappers) when its
-    logits are exactly that projection of the final hidden state, else None."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    family = getattr(getattr(inner, "config", None), "model_type", None)
-    if type(head) is not torch.nn.Linear or family not in FUSED_HEAD_FAMILIES:
-        return None
-    # FSDP shards parameters (a flat view of another size, or a DTensor): its lm_head is only whole
-    # inside the model's forward, so those runs keep the logits path.
-    whole = tuple(head.weight.shape) == (head.out_features, head.in_features) and type(head.weight.data) is torch.Tensor
-    return head if whole else None
-
-
-def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]); with ``scored`` ([N, L-1], >0
-    where a value is needed: the completions' tokens), 0 at the other positions.
-
-    Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
-    empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk,
-    only the scored positions: the [N, L, V] logits and their gradient never exist (the largest tensors
-    of an RL step at a 128k vocabulary). The forward still goes through ``model``, so DDP sees it."""
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    where = scored > 0 if scored is not None else None
-    head = output_head(model)
-    if head is None:
-        with sdpa_backends():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
-        logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-        if where is None:
-            return logp, entropy
-        return logp.where(where, 0.0), entropy.where(where, 0.0)
-    kept = {}
-
-    def keep_hidden(module, args):
-        kept["hidden"] = args[0]
-        return (args[0][:, :0],)
-
-    handle = head.register_forward_pre_hook(keep_hidden)
-    try:
-        with sdpa_backends():
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
-    finally:
-        handle.remove()
-    return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:], where)
 
 
 @torch.no_grad()
@@ -369,7 +296,8 @@ def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) ->
     if cfg.num_iterations > 1:
         batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0])
     if cfg.beta > 0:
-        batch.ref_logp = whole(lambda mb: _reference_logprobs(model, ref_model, mb, accelerator))
+        batch.ref_logp = whole(lambda mb: reference_logprobs(model, ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                                             accelerator))
 
 
 def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[str, float]]:
@@ -422,7 +350,7 @@ def train(cfg: RLConfig) -> dict:
     model = load_policy(cfg, run.device)
     ref_model = None
     if cfg.beta > 0 and (cfg.ref_model or cfg.method == "full"):
-        ref_model = _load_reference(cfg, tokenizer, run.device)
+        ref_model = load_reference(cfg, tokenizer, run.device)
     trainable, total = count_parameters(model)
     run.log(f"rl: {cfg.algo} on {cfg.model} ({cfg.method}, {trainable:,}/{total:,} trainable); "
             f"rewards {', '.join(f'{r.name}×{r.weight:g}' for r in reward_fns)}; {len(examples)} prompts")
@@ -444,6 +372,9 @@ def train(cfg: RLConfig) -> dict:
             synced = run.step
         return engine
 
+    def evaluate() -> dict:
+        return accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator)
+
     rollout_index = run.step // cfg.num_iterations
     while run.running():
         policy.eval()
@@ -456,24 +387,16 @@ def train(cfg: RLConfig) -> dict:
         for _ in range(min(cfg.num_iterations, cfg.max_steps - run.step)):                       # 4. update
             t0 = time.perf_counter()
             finite, stats = update(model, batch, cfg, run.accelerator)
-            if run.skip_step(finite, optimizer):
-                continue
-            grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step += 1
-            metrics = step_metrics(rollout, batch, stats, task, prompts, run.world, time.perf_counter() - t0)
-            metrics.update(lr=scheduler.get_last_lr()[0], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}))
-            if eval_examples and (run.step % cfg.eval_steps == 0 or run.step == cfg.max_steps):
-                metrics.update(accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator))
-            run.end_step(metrics, {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"})
+            run.optimizer_step(finite, partial(step_metrics, rollout, batch, stats, task, prompts, run.world, t0),
+                               evaluate if eval_examples else None, progress)
         rollout_index += 1
-    return run.finish(model, tokenizer, {"algo": cfg.algo})
+    return run.save_and_close(model, tokenizer, {"algo": cfg.algo})
 
 
-def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, train_s: float) -> dict:
-    """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths, speed."""
+def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Prompts, world: int, started: float) -> dict:
+    """What a step logs: the loss terms, rewards (total and per function), sampled accuracy, lengths,
+    speed (the update's, from ``started`` to now: the optimizer step has just been taken)."""
+    train_s = time.perf_counter() - started
     comps, rewards = rollout.completions, rollout.rewards
     lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
     trained_tokens = int(batch.attention_mask.sum().item()) * world
@@ -495,25 +418,6 @@ def step_metrics(rollout: Rollout, batch: Batch, stats: dict, task, prompts: Pro
     }
 
 
-def _load_reference(cfg: RLConfig, tokenizer, device):
-    """A frozen reference model (full fine-tuning, or an explicit --ref-model)."""
-    from posttrain.engine.models import load_model, load_tokenizer
-
-    name = cfg.ref_model or cfg.model
-    ref_tok = load_tokenizer(name, cfg.trust_remote_code)
-    if ref_tok.get_vocab() != tokenizer.get_vocab():
-        raise PosttrainError(f"reference model {name!r} uses a different tokenizer than the policy {cfg.model!r}; "
-                             "the KL penalty compares token log-probs, so they must share one")
-    ref = load_model(name, cfg.dtype, str(device), cfg.trust_remote_code)
-    ref.requires_grad_(False)
-    return ref
-
-
-@torch.no_grad()
-def _reference_logprobs(model, ref_model, mb: Batch, accelerator) -> torch.Tensor:
-    """Reference log-probs: the explicit reference model, or the policy with its LoRA adapter off."""
-    if ref_model is not None:
-        return sequence_logprobs(ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]
-    unwrapped = accelerator.unwrap_model(model)
-    with unwrapped.disable_adapter():
-        return sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0]
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures for a step."""
+    return {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"}

@@ -13,32 +13,28 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from posttrain.config import require
+from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import accuracy_eval
 from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
-from posttrain.trainers.common import (
-    TrainerOptions,
-    TrainingRun,
-    accuracy_eval,
-    build_optimizer,
-    build_scheduler,
-    count_parameters,
-    data_splits,
-    epoch_indices,
-    load_policy,
-    warmup_steps_for,
-)
+from posttrain.trainers.data import data_splits, epoch_indices
+from posttrain.trainers.run import TrainingRun
+from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, warmup_steps_for
 from posttrain.utils import seed_everything
 
 TRUNCATION = ("prompt_left", "drop", "left")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig(TrainerOptions):
+    # Options declared in TrainerOptions or RunOptions appear below only to set SFT's default (and, with a
+    # docstring, SFT's wording of them).
     # -- what to train
     output: str = "runs/sft"
     """Output folder: adapter or model, metrics.jsonl, tensorboard/, checkpoints/."""
@@ -48,9 +44,7 @@ class SFTConfig(TrainerOptions):
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     learning_rate: float = 2e-4
-    """Peak learning rate."""
     lr_scheduler: str = "cosine"
-    """cosine, linear, constant or constant_with_warmup."""
     warmup_ratio: float = 0.03
     """Share of steps spent warming up (the seed's 3%)."""
     # -- data shaping
@@ -194,7 +188,7 @@ def held_out_loss(model, data: list[Tokenized], cfg: SFTConfig, pad_id: int, dev
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_backends():
         for chunk in forward_chunks(data[accelerator.process_index::accelerator.num_processes], cfg, pad_id, device):
             labels = chunk.pop("labels")
             nll, n = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
@@ -237,6 +231,18 @@ def train(cfg: SFTConfig) -> dict:
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, total_steps, {"data_stats": stats, "total_steps": total_steps})
     engine = None  # built at the first accuracy evaluation, then kept for the run
 
+    def evaluate() -> dict:
+        nonlocal engine
+        out = {}
+        if eval_data:
+            out["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
+        if cfg.eval_accuracy_samples:
+            policy = acc.unwrap_model(model)
+            engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
+            engine.sync_weights(policy)
+            out.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples], cfg.eval_max_new_tokens, acc))
+        return out
+
     while run.running():
         t0 = time.perf_counter()
         batch = step_batch(train_data, run.step, per_step, cfg.seed, run.rank, run.world)
@@ -249,33 +255,26 @@ def train(cfg: SFTConfig) -> dict:
         for k, chunk in enumerate(chunks):
             labels = chunk.pop("labels")
             sync = acc.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # all-reduce after the last
-            with sync, acc.autocast():
+            with sync, acc.autocast(), sdpa_backends():  # not cuDNN's: Qwen2.5's SFT went NaN on it (H200)
                 nll, _ = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
             acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
             loss_sum += nll.detach()
         step_loss = (acc.reduce(loss_sum, "sum") / global_tokens).item()
-        if run.skip_step(math.isfinite(step_loss), optimizer):
-            continue
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        dt = time.perf_counter() - t0
-        tokens = sum(len(ex.input_ids) for ex in batch) * run.world
-        metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "epoch": run.step / steps_per_epoch,
-                   "tokens": tokens, "tokens_per_s": tokens / dt,
-                   "response_tokens": int(global_tokens.item()), "step_time_s": dt}
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        if cfg.eval_steps and (run.step % cfg.eval_steps == 0 or run.step == total_steps):
-            if eval_data:
-                metrics["eval_loss"] = held_out_loss(model, eval_data, cfg, tokenizer.pad_token_id, device, acc)
-            if cfg.eval_accuracy_samples:
-                policy = acc.unwrap_model(model)
-                engine = engine or make_engine(cfg.engine, policy, tokenizer, batch_size=cfg.eval_batch_size)
-                engine.sync_weights(policy)
-                metrics.update(accuracy_eval(engine, tokenizer, task, eval_examples[: cfg.eval_accuracy_samples],
-                                             cfg.eval_max_new_tokens, acc))
-        run.end_step(metrics, {"loss": f"{step_loss:.4f}", "lr": f"{metrics['lr']:.2e}"})
-    return run.finish(model, tokenizer, {"method": cfg.method})
+        run.optimizer_step(math.isfinite(step_loss),
+                           partial(step_metrics, step_loss, batch, global_tokens, run.world, (run.step + 1) / steps_per_epoch, t0),
+                           evaluate, progress)
+    return run.save_and_close(model, tokenizer, {"method": cfg.method})
+
+
+def step_metrics(loss: float, batch: list[Tokenized], response_tokens: torch.Tensor, world: int, epoch: float, started: float) -> dict:
+    """What a step logs: its loss, the epoch it reached, tokens and speed (from ``started`` to now: the
+    optimizer step has just been taken)."""
+    dt = time.perf_counter() - started
+    tokens = sum(len(ex.input_ids) for ex in batch) * world
+    return {"loss": loss, "epoch": epoch, "tokens": tokens, "tokens_per_s": tokens / dt,
+            "response_tokens": int(response_tokens.item()), "step_time_s": dt}
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures for a step."""
+    return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}

@@ -1,0 +1,1 @@
+"""The whole story as one resumable run (``stages``) and its report (``report``)."""

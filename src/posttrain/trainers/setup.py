@@ -1,0 +1,188 @@
+"""What a trainer is set up with: its options, the policy to train (LoRA, QLoRA or full), the
+optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import LoadOptions, StageOptions, require
+from posttrain.errors import PosttrainError
+from posttrain.trainers.run import RunOptions
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("lora", "qlora", "full")
+
+
+# --------------------------------------------------------------------------------------- models --
+def bnb_4bit_config():
+    """Seed 003's quantization: 4-bit NF4, double quantization, bf16 compute."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PosttrainError("--method qlora needs bitsandbytes (and a CUDA GPU): pip install bitsandbytes, or use --method lora") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_policy(cfg, device):
+    """Load the model to train as ``cfg.method`` asks (a TrainerOptions, already validated) and wrap
+    it with LoRA where needed."""
+    from posttrain.engine.models import load_model
+
+    quant = bnb_4bit_config() if cfg.method == "qlora" else None
+    model = load_model(cfg.model, cfg.dtype, str(device), cfg.trust_remote_code, quantization_config=quant)
+    model.config.use_cache = False
+    if cfg.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        targets = cfg.lora_target_modules or DEFAULT_LORA_TARGETS
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise PosttrainError(f"LoRA target modules {missing} do not exist in {cfg.model}; set lora_target_modules")
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                          task_type="CAUSAL_LM", target_modules=targets)
+        model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def load_reference(cfg, tokenizer, device):
+    """A frozen reference model for RL's KL penalty (full fine-tuning, or an explicit --ref-model); it must
+    share the policy's tokenizer."""
+    from posttrain.engine.models import load_model, load_tokenizer
+
+    name = cfg.ref_model or cfg.model
+    ref_tok = load_tokenizer(name, cfg.trust_remote_code)
+    if ref_tok.get_vocab() != tokenizer.get_vocab():
+        raise PosttrainError(f"reference model {name!r} uses a different tokenizer than the policy {cfg.model!r}; "
+                             "the KL penalty compares token log-probs, so they must share one")
+    ref = load_model(name, cfg.dtype, str(device), cfg.trust_remote_code)
+    ref.requires_grad_(False)
+    return ref
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PosttrainError("the model has no trainable parameters")
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+
+
+def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    kinds = ("cosine", "linear", "constant", "constant_with_warmup")
+    if kind not in kinds:
+        raise PosttrainError(f"unknown lr_scheduler {kind!r}; choose one of {', '.join(kinds)}")
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:
+    return int(warmup_steps) if warmup_steps is not None else int(round(warmup_ratio * total_steps))
+
+
+@dataclass(kw_only=True)
+class TrainerOptions(RunOptions, LoadOptions, StageOptions):
+    """Options every post-training trainer shares: what to train, the data, the batch shape, the
+    optimizer and schedule, LoRA, the evaluations during training, and the run's options
+    (``RunOptions``). Trainer configs extend it with their own fields and set the defaults that have
+    none here."""
+
+    HELP = {  # the trainers' wording of the shared options
+        "model": "Model to train: hub id or local folder (for RL, e.g. a merged SFT model).",
+        "data_dir": "Folder with GSM8K train.jsonl/test.jsonl (otherwise the hub is tried).",
+        "prompt_style": "plain, chat or fewshot (or a template name); SFT targets follow the same template.",
+        "dtype": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.",
+        "trust_remote_code": "Allow model repos to run their own code.",
+    }
+
+    train_limit: int | None = None
+    """Use only the first N training examples (after train_offset)."""
+    train_offset: int = 0
+    """Skip the first N training examples (e.g. RL on problems an SFT stage did not see)."""
+    validation_size: int = 0
+    """Hold out the last N problems of the train split as a validation set: evaluations during training
+    use them instead of the test split, and they are never trained on (0: evaluate on the test split)."""
+    method: str = "lora"
+    """lora, qlora (4-bit NF4 base, needs bitsandbytes) or full."""
+    per_device_batch_size: int = 4
+    """Sequences per micro-batch per device (the seeds' 4)."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step; sequences per step = per_device_batch_size × this × ranks."""
+    learning_rate: float
+    """Peak learning rate."""
+    lr_scheduler: str
+    """cosine, linear, constant or constant_with_warmup."""
+    warmup_ratio: float
+    """Share of steps spent warming up."""
+    warmup_steps: int | None = None
+    """Warm-up steps; overrides warmup_ratio when set."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora_r: int = 8
+    """LoRA rank (seed 000's SFT: 8; its REINFORCE: 16)."""
+    lora_alpha: int = 16
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target_modules: list[str] | None = None
+    """Modules to adapt; default all attention and MLP projections."""
+    seed: int = 42
+    """Seed for data order, initialisation, dropout and sampling."""
+    engine: str = "auto"
+    """Generation engine for rollouts and evaluations during training: fast, hf or auto (one per run)."""
+    eval_steps: int
+    """Evaluate accuracy on held-out problems every N steps (0 disables)."""
+    eval_batch_size: int = 64
+    """Held-out problems generated together in the evaluations during training (RL's one engine then
+    holds the larger of this and rollout_batch_size rows)."""
+
+    def lineage(self) -> dict:
+        """The base model, the task and all the trained model has seen (the base's training data, then
+        this task). Refuses evaluations during training on a test split the base was trained on."""
+        from posttrain.engine.registry import trained_on
+        from posttrain.tasks import check_contamination, make_task
+
+        seen = trained_on(self.model) + [make_task(self.task, data_dir=self.data_dir).name]
+        if self.eval_steps and not self.validation_size:  # it reports test accuracy as it trains
+            check_contamination(seen[:-1], seen[-1])
+        return {"base_model": self.model, "task": self.task, "trained_on": seen}
+
+    def _check_common(self) -> None:
+        self.check_run()
+        require(self, {"lora_r": self.lora_r >= 1, "lora_dropout": 0 <= self.lora_dropout < 1,
+                       "per_device_batch_size": self.per_device_batch_size >= 1, "eval_batch_size": self.eval_batch_size >= 1,
+                       "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+                       "train_limit": self.train_limit is None or self.train_limit >= 1,
+                       "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
+                       "eval_steps": self.eval_steps >= 0, "weight_decay": self.weight_decay >= 0,
+                       "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0, "lora_alpha": self.lora_alpha > 0,
+                       "lora_target_modules": self.lora_target_modules is None or (bool(self.lora_target_modules)
+                                                                                   and all(self.lora_target_modules))})
+        from posttrain.engine import ENGINES
+        from posttrain.engine.models import DTYPES
+
+        if self.engine not in ENGINES:
+            raise PosttrainError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise PosttrainError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
+        if self.method not in METHODS:
+            raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")

@@ -1,0 +1,133 @@
+"""The fast engine's scheduler alone, on a mock decoder whose next token is a closed form of what the
+KV cache holds: waves, prefill chunks, group rows, EOS, stop strings and compaction are checked
+without a transformer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain.engine import SamplingParams
+from posttrain.engine.scheduler import Scheduler
+
+M = 31  # tokens count modulo M; token M is the mock's "something went wrong" sentinel
+SENTINEL = M
+
+
+class CountingDecoder:
+    """After the token at position j of a sequence whose first prompt token is p0, the next token is
+    (p0 + j + 1) mod M. p0 is read back from the row's V cache and the previous token from its K cache (prefill
+    writes every prompt token there, steps write theirs), so a row moved wrongly at compaction, a token fed at the wrong
+    position or a step attending past its span emits the sentinel instead."""
+
+    n_layers, n_kv, head_dim, dtype, device = 1, 1, 1, torch.float32, torch.device("cpu")
+
+    def __init__(self):
+        self.prefills, self.steps = [], []
+
+    @staticmethod
+    def _logits(tok):
+        return 40.0 * F.one_hot(tok, M + 1).float()
+
+    def prefill(self, ids, lens, dest, caches_flat):
+        k, v = caches_flat
+        self.prefills.append(ids.shape[0])
+        for cache in (k, v):
+            cache[dest.reshape(-1), 0, :ids.shape[1], 0] = ids.float().repeat_interleave(dest.shape[1], 0)
+        return self._logits((ids[:, 0] + lens) % M)
+
+    def step(self, tokens, pos, ar, caches_flat, span):
+        k, v = caches_flat
+        self.steps.append(len(tokens))
+        k[ar, 0, pos, 0] = v[ar, 0, pos, 0] = tokens.float()
+        p0 = v[ar, 0, 0, 0].long()
+        ok = (tokens == (p0 + pos) % M) & (pos < span) & (k[ar, 0, pos - 1, 0].long() == (p0 + pos - 1) % M)
+        return self._logits(torch.where(ok, (p0 + pos + 1) % M, torch.full_like(tokens, SENTINEL)))
+
+
+class StubTok:
+    pad_token_id = 0
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def expected(prompt, n_new, eos=None):
+    out = []
+    for i in range(n_new):
+        out.append((prompt[0] + len(prompt) + i) % M)
+        if out[-1] == eos:
+            break
+    return out
+
+
+def counting_prompts(lengths, firsts):
+    """Prompts that follow the mock's rule: p0, p0 + 1, … (mod M)."""
+    return [[(p0 + j) % M for j in range(n)] for n, p0 in zip(lengths, firsts)]
+
+
+def scheduler(decoder, eos=(), batch_size=8, **kw):
+    return Scheduler(decoder, StubTok(), list(eos), batch_size, use_graphs=False, **kw)
+
+
+@torch.inference_mode()
+def test_greedy_wave_with_groups_eos_and_compaction():
+    dec = CountingDecoder()
+    prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
+    eos = 7
+    out = scheduler(dec, eos=[eos], sync_every=1).wave(prompts, SamplingParams(max_new_tokens=12, n=2), offset=10)
+    assert [c.prompt_index for c in out] == [10, 10, 11, 11, 12, 12, 13, 13]
+    for c, p in zip(out, [p for p in prompts for _ in range(2)]):
+        assert c.token_ids == expected(p, 12, eos)
+        assert c.finish_reason == ("eos" if c.token_ids[-1] == eos else "length")
+    assert {c.finish_reason for c in out} == {"eos", "length"}
+    assert dec.prefills == [4]  # each distinct prompt once, for its whole group
+    assert dec.steps[0] == 8 and dec.steps[-1] < 8  # finished rows were compacted away
+    assert dec.steps == sorted(dec.steps, reverse=True)
+
+
+@torch.inference_mode()
+def test_prefill_in_chunks_and_a_cache_reused_while_it_fits():
+    dec = CountingDecoder()
+    sch = scheduler(dec, prefill_tokens=12)
+    prompts = counting_prompts([3, 9, 5, 2, 6], [1, 4, 20, 27, 3])
+    out = sch.wave(prompts, SamplingParams(max_new_tokens=5), offset=0)
+    assert [c.token_ids for c in out] == [expected(p, 5) for p in prompts]
+    assert dec.prefills == [1, 1, 2, 1]  # padded chunks within 12 tokens: (3), (9), (5, 2), (6)
+    kv = sch.kv
+    sch.wave(prompts[:2], SamplingParams(max_new_tokens=5), offset=0)
+    assert sch.kv is kv  # a smaller call reuses the cache
+    sch.wave(prompts[:1], SamplingParams(max_new_tokens=100), offset=0)
+    assert sch.kv is not kv and sch.kv.max_len >= 3 + 100  # a longer one gets a new, larger one
+
+
+@torch.inference_mode()
+def test_stop_strings_end_rows_at_the_host_check():
+    dec = CountingDecoder()
+    prompts = counting_prompts([2, 2], [1, 11])  # completions 3 4 5 6 7 … and 13 14 15 …
+    out = scheduler(dec, sync_every=2).wave(prompts, SamplingParams(max_new_tokens=10, stop=["5 6"]), offset=0)
+    assert out[0].finish_reason == "stop" and out[0].text == "3 4 " and out[0].token_ids == [3, 4, 5]
+    assert out[1].finish_reason == "length" and out[1].token_ids == expected(prompts[1], 10)
+    assert dec.steps[-1] == 1  # the stopped row left the batch
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@torch.inference_mode()
+def test_sampling_follows_a_peaked_distribution(top_p):
+    """Through the sampling kernel: logits this peaked leave one token with all the mass."""
+    torch.manual_seed(0)
+    dec = CountingDecoder()
+    prompts = counting_prompts([4, 7], [2, 9])
+    out = scheduler(dec).wave(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, top_p=top_p, n=3, logprobs=True), offset=0)
+    assert [c.token_ids for c in out] == [expected(p, 8) for p in prompts for _ in range(3)]
+    assert all(abs(lp) < 1e-6 for c in out for lp in c.logprobs)
+
+
+@torch.inference_mode()
+def test_finished_rows_emit_padding_and_never_count():
+    """A row that hit EOS keeps decoding as padding until the next host check; none of it reaches the completion."""
+    dec = CountingDecoder()
+    prompts = counting_prompts([2, 2], [4, 20])  # row 0: 6 7 … hits EOS 7 at its second token
+    out = scheduler(dec, eos=[7], sync_every=8).wave(prompts, SamplingParams(max_new_tokens=8, logprobs=True), offset=0)
+    assert out[0].token_ids == [6, 7] and out[0].finish_reason == "eos" and len(out[0].logprobs) == 2
+    assert out[1].token_ids == expected(prompts[1], 8)
