@@ -126,10 +126,10 @@ def _started(output: Path) -> bool:
             or any(STEP.fullmatch(p.name) for p in (output / "checkpoints").glob("step-*")))
 
 
-def prepare_output(run: RunDir, cfg, stage: str, lock: bool) -> dict | None:
+def prepare_output(run: RunDir, cfg, stage: str) -> dict | None:
     """Claim the run folder before any work (see posttrain.rundir): a new or empty folder, or one a
     posttrain ``stage`` run made, with --resume (continue it) or --overwrite (remove what the run
-    wrote, start afresh); ``lock``: take the one-writer lock (the main rank). A run of this command that
+    wrote, start afresh); nothing is written (``TrainingRun`` takes the lock after the rest of its checks). A run of this command that
     stopped before its first step is started afresh. Returns the final state of an already finished run
     that ``max_steps`` does not extend (when resuming it), else None."""
     output = run.path
@@ -148,15 +148,12 @@ def prepare_output(run: RunDir, cfg, stage: str, lock: bool) -> dict | None:
             raise PosttrainError(f"--resume: {ckpts} is not a folder; posttrain keeps its checkpoints there. Move it away")
         if ckpts.is_dir():
             check_writable(ckpts, "--resume: checkpoints")
-    if lock:
-        run.lock()
     if run.plan != "resume":
         return None
     state = _read_state(output / RUN_STATE)
     if state.get("finished") and (cfg.max_steps is None or state["step"] >= cfg.max_steps):
         print(f"run in {output} already finished at step {state['step']}; nothing to do "
               f"(pass a larger --max-steps to continue it)")
-        run.release()
         return state
     return None
 
@@ -282,12 +279,14 @@ class TrainingRun:
         self.dir = RunDir(self.output, stage)  # claimed here, locked by the main rank, recorded in prepare
         if self.model_dir.resolve() != self.output.resolve():  # a model folder of its own: save_model writes it whole
             check_new_folder(self.model_dir, stage, replace=True)  # (rundir.atomic_folder(model_dir, stage, replace=True))
-        self.done = prepare_output(self.dir, cfg, stage, lock=_main_rank())
+        self.done = prepare_output(self.dir, cfg, stage)
         if self.done is not None:
             return
         if self.dir.plan == "resume":
             check_resumed_config(self.output, f"{stage}_config.json", cfg)
-        self.lineage = cfg.lineage()
+        self.lineage = cfg.lineage()  # checks the task: every input checked before the folder is locked (and made)
+        if _main_rank():
+            self.dir.lock()  # one writer per run folder; checks the folder again under the lock
         self.accelerator = make_accelerator(cfg.mixed_precision)
         acc = self.accelerator
         self.device, self.is_main = acc.device, acc.is_main_process
@@ -331,7 +330,8 @@ class TrainingRun:
                                     resume_step=self.step if latest is not None else None)
         if self.is_main:
             write_json(self.output / f"{self.stage}_config.json", {**config_dict(self.cfg), **(run_info or {})})
-        self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, disable=not self.is_main, unit="step")
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, unit="step",  # TQDM_DISABLE=1 hides it too
+                        **({} if self.is_main else {"disable": True}))
         self.stop = GracefulStop().__enter__()
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
