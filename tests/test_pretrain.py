@@ -72,7 +72,7 @@ def test_pretraining_writes_the_model_and_a_resumable_run_beside_it(tmp_path, ca
 
 
 def test_pretrain_options_out_of_range_are_one_line_errors(tmp_path):
-    with pytest.raises(PosttrainError, match="save_dtype"):
+    with pytest.raises(PosttrainError, match="save-dtype"):
         PretrainConfig(save_dtype="int8")
     with pytest.raises(PosttrainError, match="save_steps"):
         PretrainConfig(save_steps=-1)

@@ -73,7 +73,7 @@ def test_claiming_rules(tmp_path):
         RunDir(tmp_path / "run", "sft").check()
     assert RunDir(tmp_path / "run", "sft").check(resume=True) == "resume"
     assert RunDir(tmp_path / "run", "sft").check(rerun=True) == "rerun"
-    with pytest.raises(PosttrainError, match="holds a posttrain sft run, not a rl one"):
+    with pytest.raises(PosttrainError, match="holds a posttrain sft run; posttrain rl writes only into a new folder or its own"):
         RunDir(tmp_path / "run", "rl").check(resume=True)
     with pytest.raises(PosttrainError, match="is a file"):
         (tmp_path / "file").write_text("x")

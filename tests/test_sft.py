@@ -127,10 +127,19 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_existing_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "junk").write_text("1")
+    from posttrain.rundir import RunDir
+
+    run = RunDir.open(tmp_path / "x", "sft")  # a run posttrain made, that logged a step
+    run.entry("metrics.jsonl").write_text('{"step": 1}\n')
+    run.release()
     with pytest.raises(PosttrainError, match="--resume"):
         train(_cfg(tiny_model_dir, tmp_path / "x"))
+    (tmp_path / "y").mkdir()  # a folder posttrain did not make: neither flag makes it posttrain's
+    (tmp_path / "y" / "junk").write_text("1")
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(PosttrainError, match="holds files posttrain did not write"):
+            train(_cfg(tiny_model_dir, tmp_path / "y", **flags))
+    assert os.listdir(tmp_path / "y") == ["junk"]
 
 
 def test_nan_loss_skips_steps_then_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):

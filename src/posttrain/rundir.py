@@ -163,6 +163,7 @@ class RunDir:
         self._check_args: dict = {}
         self._fd: int | None = None
         self._made_folder = False
+        self._made_lock = False
 
     @classmethod
     def open(cls, path, command: str, *, flag: str = "--output", **check_args) -> RunDir:
@@ -197,8 +198,8 @@ class RunDir:
                                          "makes; remove it yourself or choose another " + self.flag)
                 plan = "overwrite"
             elif made_by != self.command:
-                raise PosttrainError(f"{where} holds a posttrain {made_by} run, not a {self.command} one; "
-                                     f"choose another {self.flag}")
+                raise PosttrainError(f"{where} holds a posttrain {made_by} run; posttrain {self.command} writes only into "
+                                     f"a new folder or its own: choose another {self.flag}")
             elif resume:
                 plan = "resume"
             elif rerun:
@@ -226,6 +227,7 @@ class RunDir:
             self._fd = _HELD[target]
         else:
             try:
+                self._made_lock = self._made_lock or not os.path.lexists(target / LOCK)
                 fd = os.open(target / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             except OSError as e:
                 raise PosttrainError(f"{self.flag} {self.path}: cannot create its lock file {LOCK} ({e.strerror}); "
@@ -266,7 +268,8 @@ class RunDir:
                     entry.unlink()
             (target / RECORD).unlink(missing_ok=True)
         if self._fd is not None:
-            (target / LOCK).unlink(missing_ok=True)
+            if self._made_lock:  # a lock file an earlier run left stays: it was there before this one
+                (target / LOCK).unlink(missing_ok=True)
         self.release()
         if self._made_folder:
             with contextlib.suppress(OSError):

@@ -194,6 +194,9 @@ def cmd_grade(args):
         check_writable(args.output, kind="file")
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise PosttrainError("--output is the input file; give another path so the input is kept")
+        if os.path.lexists(args.output):  # a file cannot carry posttrain's record: an existing one may be anyone's
+            raise PosttrainError(f"--output {args.output} already exists; posttrain writes graded rows only to a new file "
+                                 "(give another path, or delete that file yourself)")
     rows = read_jsonl(args.input)
     if not rows:
         raise PosttrainError(f"{args.input} holds no rows; each line needs 'completion' and 'answer'")

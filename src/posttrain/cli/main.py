@@ -48,11 +48,26 @@ def main(argv: list[str] | None = None) -> int:
         rc = args._run(args)
         return int(rc or 0)
     except PosttrainError as e:
+        after_failure()
         print(f"posttrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        after_failure()
         print(f"posttrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        after_failure()
+        raise
+
+
+def after_failure() -> None:
+    """After a failure: a new run leaves nothing behind (see posttrain.rundir; not imported: no run
+    folder was opened), and open progress bars end before the error line, which comes last."""
+    if "posttrain.rundir" in sys.modules:
+        sys.modules["posttrain.rundir"].discard_provisional()
+    if "tqdm" in sys.modules:
+        for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", ())):
+            bar.close()
 
 
 if __name__ == "__main__":

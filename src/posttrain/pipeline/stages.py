@@ -22,8 +22,9 @@ from posttrain.engine.registry import resolve_model
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import EvalConfig, run_eval
 from posttrain.pipeline.report import write_report
-from posttrain.trainers.run import RUN_MARKERS, RUN_STATE
-from posttrain.utils import atomic_dir, check_writable, write_json
+from posttrain.rundir import RunDir, atomic_folder, inspect, owned_entry, read_record
+from posttrain.trainers.run import RUN_CONFIGS, RUN_STATE
+from posttrain.utils import write_json
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "nano.yaml"
 
@@ -59,13 +60,16 @@ def load_pipeline_config(path: str | Path | None, overrides: dict | None = None)
     values = load_yaml(path) if path else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     cfg = build_config(PipelineConfig, values, source=str(path or "pipeline options"))
-    for stage in ("eval", "sft", "rl"):
-        if not isinstance(getattr(cfg, stage), dict):
-            raise PosttrainError(f"{path}: '{stage}' must be a mapping of options")
+    stage_configs(cfg, str(path or "pipeline options"))  # every stage's options checked now, errors naming the file
     return cfg
 
 
-def stage_configs(cfg: PipelineConfig):
+# What a pipeline writes at the top of its folder: stage folders, the summary and the report.
+STAGE_FOLDERS = ("eval_base", "sft", "eval_sft", "rl", "eval_rl", "control", "eval_control")
+REPORT_FILES = ("summary.json", "report.md", "accuracy.png", "sft.png", "rl.png")
+
+
+def stage_configs(cfg: PipelineConfig, where: str = "pipeline options"):
     """Resolve the per-stage configs (validates every option before any work starts)."""
     from posttrain.trainers.rl import RLConfig
     from posttrain.trainers.sft import SFTConfig
@@ -75,105 +79,138 @@ def stage_configs(cfg: PipelineConfig):
     sft_model_dir = out / "sft" / "model"
     rl_model_dir = out / "rl" / "model"
     seeded = {} if cfg.seed is None else {"seed": cfg.seed}
-    sft = build_config(SFTConfig, {**common, **cfg.sft, **seeded, "model": cfg.model, "output": str(out / "sft")}, "sft options")
+    sft = build_config(SFTConfig, {**common, **cfg.sft, **seeded, "model": cfg.model, "output": str(out / "sft")}, f"{where}: sft")
     rl = build_config(RLConfig, {**common, **cfg.rl, **seeded, "algo": cfg.rl_algo,
                                  "model": str(sft_model_dir) if cfg.sft_stage else cfg.model, "output": str(out / "rl")},
-                      "rl options")
+                      f"{where}: rl")
     evals = {}
     for name, model in (("base", cfg.model), ("sft", sft_model_dir), ("rl", rl_model_dir),
                         ("control", out / "control" / "model")):
         evals[name] = build_config(EvalConfig, {**common, **cfg.eval, "model": str(model), "output": str(out / f"eval_{name}")},
-                                   "eval options")
+                                   f"{where}: eval")
     return sft, rl, evals
 
 
-def _finished(folder: Path) -> bool:
-    state = folder / RUN_STATE
-    return state.exists() and json.loads(state.read_text()).get("finished", False)
+def _json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def _standalone(train_dir: Path, model_dir: Path, method: str) -> None:
+def _finished(folder: Path, command: str) -> bool:
+    """Whether ``folder`` holds a finished ``command`` run that posttrain wrote (its record lists the
+    run_state.json that says so)."""
+    return owned_entry(folder, RUN_STATE, command) and bool((_json_object(folder / RUN_STATE) or {}).get("finished"))
+
+
+def _standalone(train_dir: Path, model_dir: Path, method: str, command: str) -> None:
     """A plain model folder for the next stage: merge a LoRA adapter, or copy the full model. Written
-    atomically; a folder a killed run left without its weights is ours (inside the pipeline's output)
-    and is made again."""
-    if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
+    atomically and recorded in the stage's folder; one that a killed run of an older posttrain left
+    without its weights is made again, when posttrain's record says the folder is its own."""
+    complete = (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+    if complete and owned_entry(train_dir, model_dir.name) and read_record(model_dir) is not None:
         return
-    if model_dir.exists():
-        print(f"{model_dir} is incomplete (an earlier run was stopped while writing it); making it again")
-        shutil.rmtree(model_dir)
-    if method in ("lora", "qlora"):
-        from posttrain.trainers.export import merge_adapter
+    stage = RunDir.open(train_dir, command, rerun=True, expect=[model_dir.name])
+    try:
+        stage.own(model_dir.name)
+        if model_dir.exists():
+            print(f"{model_dir} is incomplete (an earlier run was stopped while writing it); making it again")
+        if method in ("lora", "qlora"):
+            from posttrain.trainers.export import merge_adapter
 
-        merge_adapter(str(train_dir), str(model_dir))
-        return
-    with atomic_dir(model_dir) as tmp:
-        for f in train_dir.iterdir():
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt") and f.name not in (RUN_STATE, *RUN_MARKERS):
-                shutil.copy2(f, tmp / f.name)
+            merge_adapter(str(train_dir), str(model_dir), replace=True)
+            return
+        with atomic_folder(model_dir, "merge", replace=True) as tmp:
+            for f in train_dir.iterdir():
+                if f.is_file() and not f.name.startswith(".") and f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt") \
+                        and f.name not in (RUN_STATE, *RUN_CONFIGS):
+                    shutil.copy2(f, tmp / f.name)
+    finally:
+        stage.release()
+
+
+def _summary(summary_file: Path) -> dict | None:
+    """An evaluation's summary.json, when it holds the numbers the report needs."""
+    s = _json_object(summary_file)
+    return s if s is not None and all(k in s for k in ("accuracy", "strict_accuracy", "n", "ci95")) else None
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    out = check_writable(cfg.output)
+    """Every stage in its own subfolder of ``cfg.output``, a folder posttrain's pipeline owns (see
+    posttrain.rundir): a stage is redone only there, and only results posttrain recorded writing are
+    reused."""
+    out = Path(cfg.output)
+    top = RunDir(out, "pipeline")
+    top.check(rerun=True, expect=STAGE_FOLDERS + REPORT_FILES)  # before any work
     sft_cfg, rl_cfg, evals = stage_configs(cfg)
     if cfg.control and not cfg.sft_stage:
         raise PosttrainError("the control arm continues the SFT stage: turn the SFT stage on (sft_stage: true) or the control off")
     if not Path(cfg.model).exists() and cfg.model.startswith(("models/", "./", "/", "runs/")):
         raise PosttrainError(f"base model folder {cfg.model} not found; run posttrain pretrain or point --model at one")
     resolve_model(cfg.model)  # a named model not fetched yet, or a missing .gguf: say so before any stage
-    out.mkdir(parents=True, exist_ok=True)
+    top.lock()
+    top.start()
     timings = {}
     stages = []
 
     def evaluate(name: str):
         ecfg = evals[name]
-        summary_file = Path(ecfg.output) / "summary.json"
-        if summary_file.exists():
-            print(f"[{name}] evaluation already done: {summary_file}")
+        folder = Path(ecfg.output)
+        summary = _summary(folder / "summary.json") if top.lists(folder.name) and owned_entry(folder, "summary.json", "eval") else None
+        if summary is not None:
+            print(f"[{name}] evaluation already done: {folder / 'summary.json'}")
         else:
             if not Path(ecfg.model).exists() and name != "base":
                 raise PosttrainError(f"stage eval_{name} needs {ecfg.model}, which is missing; rerun the stage before it")
+            top.own(folder.name)
             t = time.perf_counter()
             print(f"[{name}] evaluating {ecfg.model} on {ecfg.limit or 'all'} held-out problems")
-            run_eval(ecfg, progress=True)
+            summary = run_eval(ecfg, progress=True).summary
             timings[f"eval_{name}"] = time.perf_counter() - t
-        s = json.loads(summary_file.read_text())
-        stages.append({"name": name, "accuracy": s["accuracy"], "strict_accuracy": s["strict_accuracy"], "n": s["n"],
-                       "ci95": s["ci95"]})
+        top.keep()  # a stage's result: a later failure leaves the pipeline to be rerun, not discarded
+        stages.append({"name": name, "accuracy": summary["accuracy"], "strict_accuracy": summary["strict_accuracy"],
+                       "n": summary["n"], "ci95": summary["ci95"]})
 
-    def train(name: str, tcfg, trainer):
+    def train(name: str, tcfg, trainer, command: str):
         folder = Path(tcfg.output)
-        if _finished(folder):
+        if top.lists(folder.name) and _finished(folder, command):
             print(f"[{name}] already finished: {folder}")
         else:
             if Path(tcfg.model).is_relative_to(out) and not Path(tcfg.model).exists():
                 raise PosttrainError(f"stage {name} needs {tcfg.model}, which is missing; rerun the stage before it")
+            top.own(folder.name)
             t = time.perf_counter()
-            tcfg.resume = folder.exists()
+            here = inspect(folder)
+            tcfg.resume = here.state == "ours" and here.record.command == command  # the stage's own run, killed: continue it
             trainer(tcfg)
             timings[name] = time.perf_counter() - t
-        _standalone(folder, folder / "model", tcfg.method)
+        _standalone(folder, folder / "model", tcfg.method, command)
 
     from posttrain.trainers import rl as rl_trainer
     from posttrain.trainers import sft as sft_trainer
 
     evaluate("base")
     if cfg.sft_stage:
-        train("sft", sft_cfg, sft_trainer.train)
+        train("sft", sft_cfg, sft_trainer.train, "sft")
         evaluate("sft")
-    train("rl", rl_cfg, rl_trainer.train)
+    train("rl", rl_cfg, rl_trainer.train, "rl")
     evaluate("rl")
     compute = None
     if cfg.control:
         compute = matched_compute(out, rl_cfg)
         control_cfg = replace(sft_cfg, model=str(out / "sft" / "model"), output=str(out / "control"),
                                max_steps=compute["control_steps"], warmup_steps=0, eval_steps=0, resume=False)
-        train("control", control_cfg, sft_trainer.train)
+        train("control", control_cfg, sft_trainer.train, "sft")
         evaluate("control")
 
     summary = {"stages": stages, "timings_s": timings, "compute": compute,
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    top.own(*REPORT_FILES)
     write_json(out / "summary.json", summary)
     write_report(cfg, stages, out, sft_cfg, rl_cfg, compute)
+    top.release()
     return summary
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -29,29 +31,16 @@ class Checkpoints:
         self.keep = keep
 
     def _done(self) -> list[Path]:
-        """Checkpoints that finished saving, oldest first."""
-        if not self.root.exists():
+        """Checkpoints that finished saving, oldest first (``step-N`` folders: anything else in
+        ``checkpoints/`` is not posttrain's and left alone)."""
+        if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return sorted((p for p in self.root.glob("step-*") if STEP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+                       and (p / "trainer_state.json").exists()), key=lambda p: int(p.name.split("-")[1]))
 
     def latest(self) -> Path | None:
         done = self._done()
         return done[-1] if done else None
-
-    def latest_intact(self, say=print) -> Path | None:
-        """The newest checkpoint whose files match its manifest; damaged ones are reported (one line
-        each) and skipped. Raises when checkpoints exist but none is intact."""
-        done = self._done()
-        for path in reversed(done):
-            problem = self.damage(path)
-            if problem is None:
-                return path
-            say(f"warning: checkpoint {path} is damaged ({problem}); trying an older one")
-        if done:
-            raise PosttrainError(f"every checkpoint in {self.root} is damaged; nothing to resume from. "
-                                 f"Start afresh with --overwrite")
-        return None
 
     @classmethod
     def damage(cls, path: Path) -> str | None:
@@ -61,10 +50,15 @@ class Checkpoints:
             return f"no {cls.MANIFEST}"
         try:
             files = json.loads(manifest.read_text())["files"]
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
             return f"{cls.MANIFEST} is unreadable"
+        if not (isinstance(files, dict) and all(isinstance(w, dict) and isinstance(w.get("size"), int)
+                                                and isinstance(w.get("crc32"), int) for w in files.values())):
+            return f"{cls.MANIFEST} is not one posttrain wrote"
         for name, want in files.items():
             f = path / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                return f"{cls.MANIFEST} names a file outside the checkpoint"
             if not f.is_file():
                 return f"{name} is missing"
             if f.stat().st_size != want["size"]:
@@ -120,13 +114,37 @@ class Checkpoints:
 
     def load(self, accelerator, path: Path) -> dict:
         accelerator.load_state(str(path), strict=False)
-        return json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0):
+            raise ValueError("trainer_state.json holds no step")
+        return state
+
+    def resume(self, accelerator, say=print) -> tuple[Path | None, dict]:
+        """Load the newest checkpoint that is intact and loads; one that fails to load (a damaged
+        pickle its manifest was written over, a file of another format) is reported and skipped like a
+        damaged one. (None, {}) when there is none; one-line error when every one is unusable."""
+        done = self._done()
+        for path in reversed(done):
+            problem = self.damage(path)
+            if problem is None:
+                try:
+                    return path, self.load(accelerator, path)
+                except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+                    problem = f"it does not load: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+            say(f"warning: checkpoint {path} is damaged ({problem}); trying an older one")
+        if done:
+            raise PosttrainError(f"every checkpoint in {self.root} is damaged; nothing to resume from. "
+                                 f"Start afresh with --overwrite")
+        return None, {}
 
     def _rotate(self) -> None:
         if self.keep <= 0:
             return
         for old in self._done()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+STEP = re.compile(r"step-[0-9]+")  # a checkpoint's folder name
 
 
 def _crc32(path: Path) -> int:
@@ -137,19 +155,24 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None) -> None:
-    """A standard HF folder in ``output``: PEFT adapter (LoRA) or full model, plus the tokenizer."""
+def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | None = None, own=None) -> None:
+    """A standard HF folder in ``output``: PEFT adapter (LoRA) or full model, plus the tokenizer.
+    ``own(*names)`` (``RunDir.own``) records each top-level name before it is written and refuses one
+    that something posttrain did not write holds."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
     if accelerator.is_main_process:
-        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours, left by a run killed while saving
+        own = own or (lambda *names: None)
+        own("model.tmp-final")
+        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours (recorded), left by a run killed while saving
         with atomic_dir(output / "model.tmp-final") as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if extra:
                 write_json(tmp / "posttrain.json", extra)
         final = output / "model.tmp-final"
+        own(*sorted(f.name for f in final.iterdir()))  # every name checked before any file moves
         # Move the finished files to the top of the output folder (where users look for them).
         for f in final.iterdir():
             dest = output / f.name

@@ -31,7 +31,7 @@ class MetricsLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            write_jsonl(self.path, [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step])
+            write_jsonl(self.path, [r for r in read_metrics(self.path) if r["step"] <= resume_step])
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -73,6 +73,22 @@ def _plain(v):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+    """The rows of a metrics.jsonl; damaged lines (not a JSON object with an integer step) are skipped
+    with a one-line warning."""
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: {path}: skipped {bad} damaged line(s)")
+    return rows

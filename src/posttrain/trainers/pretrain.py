@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
+from posttrain.rundir import atomic_folder, check_new_folder
 from posttrain.trainers.run import RunOptions, TrainingRun
 from posttrain.trainers.setup import build_scheduler
-from posttrain.utils import atomic_dir, atomic_write, check_replaceable, seed_everything, write_json
+from posttrain.utils import atomic_write, seed_everything, write_json
 
 SAVE_DTYPES = ("bf16", "fp32")
 
@@ -87,6 +88,15 @@ class PretrainConfig(RunOptions):
     report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        require(self, {"num_docs": self.num_docs >= 1, "data_seed": self.data_seed >= 0, "vocab_size": self.vocab_size >= 1,
+                       "hidden_size": self.hidden_size >= 1, "num_layers": self.num_layers >= 1, "num_heads": self.num_heads >= 1,
+                       "num_kv_heads": self.num_kv_heads >= 1, "intermediate_size": self.intermediate_size >= 1,
+                       "seq_len": self.seq_len >= 2, "batch_size": self.batch_size >= 1, "max_steps": self.max_steps >= 1,
+                       "learning_rate": self.learning_rate > 0, "warmup_steps": self.warmup_steps >= 0,
+                       "weight_decay": self.weight_decay >= 0, "seed": self.seed >= 0, "max_bad_steps": self.max_bad_steps >= 1,
+                       "logging_steps": self.logging_steps >= 1}, "pretrain")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise PosttrainError(f"unknown --save-dtype {self.save_dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise PosttrainError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if not 0 <= self.problem_set_share < 1:
@@ -94,8 +104,6 @@ class PretrainConfig(RunOptions):
         if not 0 <= self.marker_share <= 1:
             raise PosttrainError("marker_share must be in [0, 1]")
         self.check_run()
-        require(self, {"max_steps": self.max_steps >= 1, "batch_size": self.batch_size >= 1, "seq_len": self.seq_len >= 2,
-                       "save_dtype": self.save_dtype in SAVE_DTYPES}, "pretrain")
 
     @property
     def run_folder(self) -> Path:
@@ -144,9 +152,29 @@ def build_corpus(num_docs: int, problem_set_share: float, seed: int, exclude: se
 
 
 def load_corpus(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The documents of a corpus file (one JSON string per line, gzip ok); one-line errors naming the
+    file and line for anything else."""
+    if not path.is_file():
+        raise PosttrainError(f"--corpus {path} is not a file")
+    docs = []
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError as e:
+                    raise PosttrainError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)}); each line must be a "
+                                         "JSON string (a document)") from None
+                if not isinstance(doc, str):
+                    raise PosttrainError(f"{path}:{lineno}: expected a JSON string (a document), got {type(doc).__name__}")
+                docs.append(doc)
+    except UnicodeDecodeError:
+        raise PosttrainError(f"{path} is not UTF-8 text; give a corpus of JSON strings, one per line") from None
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        raise PosttrainError(f"{path} is not a gzip file, or a damaged one ({type(e).__name__}); check the corpus") from None
+    return docs
 
 
 def save_corpus(path: Path, docs: list[str]) -> None:
@@ -198,7 +226,7 @@ def train(cfg: PretrainConfig) -> dict:
     from posttrain.tokenization import train_bpe_tokenizer
 
     out = Path(cfg.output)
-    check_replaceable(out, "pretrain.json")  # before hours of training, not after
+    check_new_folder(out, "pretrain", replace=True)  # before hours of training, not after: only an earlier pretrain's
     corpus_path = Path(cfg.corpus)
     if cfg.corpus_only:
         return {"documents": len(_corpus(cfg, corpus_path))}
@@ -257,7 +285,7 @@ def train(cfg: PretrainConfig) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
         unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        with atomic_dir(out, replace_if="pretrain.json") as tmp:
+        with atomic_folder(out, "pretrain", replace=True) as tmp:
             unwrapped.to(dtype).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "pretrain.json", {

@@ -130,7 +130,10 @@ class RLConfig(TrainerOptions):
                                  f"per device ({rows})")
         require(self, {"max_steps": self.max_steps >= 1, "num_iterations": self.num_iterations >= 1,
                   "learning_rate": self.learning_rate > 0, "beta": self.beta >= 0, "temperature": self.temperature > 0,
-                  "max_new_tokens": self.max_new_tokens >= 1}, "rl")
+                  "max_new_tokens": self.max_new_tokens >= 1, "num_generations": self.num_generations >= 1,
+                  "top_p": 0 < self.top_p <= 1, "rollout_batch_size": self.rollout_batch_size >= 1,
+                  "warmup_ratio": 0 <= self.warmup_ratio < 1, "epsilon_low": self.epsilon_low >= 0,
+                  "epsilon_high": self.epsilon_high >= 0, "eval_samples": self.eval_samples >= 0}, "rl")
         if not self.reward:
             raise PosttrainError("give at least one --reward")
 
@@ -344,7 +347,7 @@ def train(cfg: RLConfig) -> dict:
     reward_fns = [parse_reward(r) for r in cfg.reward]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     texts = [task.prompt_text(ex, tokenizer) for ex in examples]
-    prompts = Prompts(examples, texts, [task.encode_text(t, tokenizer) for t in texts])
+    prompts = Prompts(examples, texts, [task.encode_prompt(ex, tokenizer, t) for ex, t in zip(examples, texts)])
     model = load_policy(cfg, run.device)
     ref_model = None
     if cfg.beta > 0 and (cfg.ref_model or cfg.method == "full"):

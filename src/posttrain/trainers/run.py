@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 from posttrain.config import require
 from posttrain.errors import PosttrainError
-from posttrain.trainers.checkpoints import Checkpoints, save_final_model
+from posttrain.rundir import RunDir, check_new_folder, inspect
+from posttrain.trainers.checkpoints import STEP, Checkpoints, save_final_model
 from posttrain.trainers.hub import push_folder
 from posttrain.trainers.metrics import MetricsLogger
 from posttrain.utils import check_writable, process_age_s, write_json
 
-RUN_MARKERS = ("sft_config.json", "rl_config.json", "pretrain_config.json")  # what TrainingRun.prepare writes into every run folder
+RUN_CONFIGS = ("sft_config.json", "rl_config.json", "pretrain_config.json")  # the options TrainingRun.prepare saves, by stage
 RUN_STATE = "run_state.json"  # written when a run ends: its last step and metrics
 
 
@@ -52,7 +53,7 @@ class RunOptions:
     overwrite: bool = False
     """Start afresh even if `output` holds an earlier run."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics go besides metrics.jsonl: tensorboard, wandb."""
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb, or none."""
     push_to_hub: str | None = None
     """Push the final adapter/model to this hub repo."""
     max_bad_steps: int = 3
@@ -71,46 +72,108 @@ class RunOptions:
         """One-line errors for run options out of range."""
         require(self, {"logging_steps": self.logging_steps >= 1, "max_bad_steps": self.max_bad_steps >= 1,
                        "save_steps": self.save_steps >= 0, "save_total_limit": self.save_total_limit >= 0,
-                       "max_minutes": self.max_minutes is None or self.max_minutes > 0})
+                       "max_minutes": self.max_minutes is None or self.max_minutes > 0,
+                       "max_steps": self.max_steps is None or self.max_steps >= 1, "max_grad_norm": self.max_grad_norm >= 0})
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise PosttrainError(f"unknown --report-to {unknown[0]!r}; choose tensorboard, wandb or none")
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise PosttrainError(f"--report-to none cannot be combined with {', '.join(r for r in self.report_to if r != 'none')}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise PosttrainError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         if self.resume and self.overwrite:
             raise PosttrainError("--resume and --overwrite contradict each other; pick one")
 
 
-# Options a resumed run may change; any other change would make the saved config lie about the run.
-RESUMABLE = {"max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+# Options a resumed run may change (the run folder may have moved); any other change would make the saved
+# config lie about the run.
+RESUMABLE = {"output", "max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
              "report_to", "push_to_hub", "eval_samples", "eval_examples", "eval_accuracy_samples", "engine",
-             "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes"}
+             "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes", "quantized_rollouts"}
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool, max_steps: int | None = None) -> dict | None:
-    """Check the output folder before a run. Returns the final state of an already finished run
-    that ``max_steps`` does not extend (when resuming it), else None. Refuses to mix a new run into
-    an old one's folder; ``--overwrite`` replaces only a folder that a posttrain run wrote."""
-    state_file = output / RUN_STATE
-    check_writable(output)
-    if output.exists() and any(output.iterdir()) and not (resume or overwrite):
-        raise PosttrainError(f"{output} already holds a run; pass --resume to continue it or --overwrite to start afresh")
-    if resume and state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("finished") and (max_steps is None or state["step"] >= max_steps):
-            print(f"run in {output} already finished at step {state['step']}; nothing to do "
-                  f"(pass a larger --max-steps to continue it)")
+# Names a run writes at the top of its folder, checked before any work: none may be a user's file.
+RUN_FILES = (RUN_STATE, "metrics.jsonl", "tensorboard", "wandb", "checkpoints", "model.tmp-final")
+MODEL_FILES = ("README.md", "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
+               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "posttrain.json")
+
+
+def _main_rank() -> bool:
+    """Whether this process is rank 0 (the launcher's RANK; a plain process is). Known before the
+    accelerator exists, which is when the run folder is claimed."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _read_state(state_file: Path) -> dict:
+    """A run's run_state.json; {} when absent; {} and a one-line warning when damaged (the run writes
+    it again when it ends)."""
+    if not state_file.exists():
+        return {}
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("finished", False), bool):
             return state
-    if overwrite and output.exists() and any(output.iterdir()):
-        if not any((output / name).exists() for name in RUN_MARKERS):
-            raise PosttrainError(f"--overwrite: {output} was not written by a posttrain run (no {' or '.join(RUN_MARKERS)}); "
-                                 f"refusing to delete it. Choose another --output")
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    print(f"warning: {state_file} is damaged; ignoring it (it is written again when the run ends)")
+    return {}
+
+
+def _started(output: Path) -> bool:
+    """Whether the run in ``output`` got anywhere: a logged step, a checkpoint or an end."""
+    metrics = output / "metrics.jsonl"
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (output / RUN_STATE).exists()
+            or any(STEP.fullmatch(p.name) for p in (output / "checkpoints").glob("step-*")))
+
+
+def prepare_output(run: RunDir, cfg, stage: str) -> dict | None:
+    """Claim the run folder before any work (see posttrain.rundir): a new or empty folder, or one a
+    posttrain ``stage`` run made, with --resume (continue it) or --overwrite (remove what the run
+    wrote, start afresh); nothing is written (``TrainingRun`` takes the lock after the rest of its checks). A run of this command that
+    stopped before its first step is started afresh. Returns the final state of an already finished run
+    that ``max_steps`` does not extend (when resuming it), else None."""
+    output = run.path
+    expect = (f"{stage}_config.json", *RUN_FILES, *MODEL_FILES)
+    here = inspect(output)
+    if here.state == "ours" and here.record.command == stage and not cfg.overwrite and not _started(here.target):
+        print(f"note: the {stage} run in {output} stopped before its first step; starting it afresh")
+        run.check(overwrite=True, expect=expect)
+    else:
+        plan = run.check(resume=cfg.resume, overwrite=cfg.overwrite, expect=expect)
+        if cfg.resume and plan == "new":
+            print(f"note: --resume: nothing to resume in {output} (no run there yet); starting a new run")
+    if run.plan == "resume":
+        ckpts = output / "checkpoints"
+        if ckpts.exists() and not ckpts.is_dir():
+            raise PosttrainError(f"--resume: {ckpts} is not a folder; posttrain keeps its checkpoints there. Move it away")
+        if ckpts.is_dir():
+            check_writable(ckpts, "--resume: checkpoints")
+    if run.plan != "resume":
+        return None
+    state = _read_state(output / RUN_STATE)
+    if state.get("finished") and (cfg.max_steps is None or state["step"] >= cfg.max_steps):
+        print(f"run in {output} already finished at step {state['step']}; nothing to do "
+              f"(pass a larger --max-steps to continue it)")
+        return state
     return None
 
 
 def check_resumed_config(output: Path, saved_name: str, cfg) -> None:
-    """A resumed run must train as the interrupted one did: refuse changed options (one line)."""
+    """A resumed run must train as the interrupted one did: refuse changed options (one line). With
+    checkpoints to continue from, the saved options must be there and readable."""
     saved_file = output / saved_name
-    if not saved_file.exists():
-        return
-    saved = json.loads(saved_file.read_text())
+    has_checkpoints = bool(Checkpoints(output, 0)._done())
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.exists() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = "damaged"
+    if saved is None and not has_checkpoints:
+        return  # nothing to continue from: the run starts from step 0 and writes it
+    if not isinstance(saved, dict):
+        why = "is missing" if saved is None else "is damaged (not a JSON object)"
+        raise PosttrainError(f"--resume: {saved_file} {why}, so posttrain cannot check that this run trains as the "
+                             f"interrupted one did; put it back, or start afresh with --overwrite")
     now = json.loads(json.dumps(asdict(cfg), default=str))
     changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
     if changed:
@@ -118,7 +181,6 @@ def check_resumed_config(output: Path, saved_name: str, cfg) -> None:
         raise PosttrainError(f"--resume: --{k.replace('_', '-')} is {now[k]!r} but the run in {output} used {saved[k]!r}; "
                              f"resume with the same options (only {', '.join(sorted(RESUMABLE - {'resume', 'overwrite'}))} "
                              f"may change) or start a new --output")
-
 
 
 class GracefulStop:
@@ -174,6 +236,7 @@ class NonFinite:
 
 
 MIXED_PRECISION = ("auto", "bf16", "no")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 def make_accelerator(mixed_precision: str = "auto"):
@@ -214,12 +277,17 @@ class TrainingRun:
         self.cfg, self.stage = cfg, stage
         self.output = Path(folder if folder is not None else cfg.output)
         self.model_dir = Path(cfg.output)
-        self.done = prepare_output(self.output, cfg.resume, cfg.overwrite, cfg.max_steps)
+        self.dir = RunDir(self.output, stage)  # claimed here, locked by the main rank, recorded in prepare
+        if self.model_dir.resolve() != self.output.resolve():  # a model folder of its own: save_model writes it whole
+            check_new_folder(self.model_dir, stage, replace=True)  # (rundir.atomic_folder(model_dir, stage, replace=True))
+        self.done = prepare_output(self.dir, cfg, stage)
         if self.done is not None:
             return
-        if cfg.resume:
+        if self.dir.plan == "resume":
             check_resumed_config(self.output, f"{stage}_config.json", cfg)
-        self.lineage = cfg.lineage()
+        self.lineage = cfg.lineage()  # checks the task: every input checked before the folder is locked (and made)
+        if _main_rank():
+            self.dir.lock()  # one writer per run folder; checks the folder again under the lock
         self.accelerator = make_accelerator(cfg.mixed_precision)
         acc = self.accelerator
         self.device, self.is_main = acc.device, acc.is_main_process
@@ -237,27 +305,34 @@ class TrainingRun:
     def prepare(self, model, optimizer, scheduler, total_steps: int, run_info: dict | None = None):
         """Wrap for the accelerator (DDP/FSDP), resume from the latest intact checkpoint, start the
         logger and write ``{stage}_config.json``. Returns the wrapped objects."""
-        acc = self.accelerator
-        if self.cfg.overwrite and self.is_main and self.output.exists():
-            shutil.rmtree(self.output)  # validated in prepare_output: a posttrain run's folder
+        acc, resuming = self.accelerator, self.dir.plan == "resume"
+        acc.wait_for_everyone()  # every rank has checked the folder before the main one writes
+        if self.is_main:
+            self.dir.start()  # --overwrite removes what the earlier run wrote, and only that
+            report = self.cfg.report_to
+            self.dir.own(f"{self.stage}_config.json", "metrics.jsonl", "checkpoints", RUN_STATE,
+                         *(["tensorboard"] if "tensorboard" in report else []), *(["wandb"] if "wandb" in report else []))
         acc.wait_for_everyone()
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         Checkpoints.only_trainable(acc, model)
-        if self.cfg.resume and self.is_main:
+        if resuming and self.is_main:
             self.ckpts.clear_unfinished()
-        latest = self.ckpts.latest_intact(self.log) if self.cfg.resume else None
-        if self.cfg.resume and latest is None and (self.output / RUN_STATE).exists():
-            raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
-                                 f"(save_steps was 0); start a new --output")
+        latest, state = self.ckpts.resume(acc, self.log) if resuming else (None, {})
+        if resuming and latest is None:
+            if _read_state(self.output / RUN_STATE):
+                raise PosttrainError(f"--resume: the finished run in {self.output} kept no checkpoint to continue from "
+                                     f"(save_steps was 0); start a new --output")
+            self.log(f"note: --resume: no checkpoint in {self.output}; the run starts again from step 0")
         if latest is not None:
-            self.step = self.ckpts.load(acc, latest)["step"]
+            self.step = state["step"]
             self.log(f"resumed from {latest} (step {self.step})")
         self.total_steps = total_steps
         self.logger = MetricsLogger(self.output, self.is_main, self.cfg.report_to, config_dict(self.cfg),
                                     resume_step=self.step if latest is not None else None)
         if self.is_main:
             write_json(self.output / f"{self.stage}_config.json", {**config_dict(self.cfg), **(run_info or {})})
-        self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, disable=not self.is_main, unit="step")
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=self.stage, unit="step",  # TQDM_DISABLE=1 hides it too
+                        **({} if self.is_main else {"disable": True}))
         self.stop = GracefulStop().__enter__()
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model, optimizer, scheduler
@@ -315,6 +390,8 @@ class TrainingRun:
             metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # since the process began
         if step % cfg.logging_steps == 0 or step == self.total_steps or any(k.startswith("eval_") for k in metrics):
             self.logger.log(step, metrics)
+        if self.is_main:
+            self.dir.keep()  # a step was made: a failure from here on leaves the run to --resume
         self.last = metrics
         self.bar.update(1)
         if postfix:
@@ -342,8 +419,9 @@ class TrainingRun:
         latest = self.ckpts.latest()
         if cfg.save_steps and (latest is None or int(latest.name.split("-")[1]) != self.step):
             self.ckpts.save(acc, self.step, {"step": self.step, "total_steps": self.total_steps})
-        if save_model is None:
-            save_final_model(model, tokenizer, self.model_dir, acc, extra={"stage": self.stage, **extra, **self.lineage})
+        if save_model is None:  # into the run's own folder, each name recorded before it is written
+            own = self.dir.own if self.is_main and self.model_dir.resolve() == self.output.resolve() else None
+            save_final_model(model, tokenizer, self.model_dir, acc, extra={"stage": self.stage, **extra, **self.lineage}, own=own)
         else:
             save_model()
         final = {"finished": True, "step": self.step, **({"stopped_by_max_minutes": True} if self.out_of_time else {}),
@@ -353,6 +431,7 @@ class TrainingRun:
         if cfg.push_to_hub and self.is_main:
             push_folder(self.model_dir, cfg.push_to_hub)
         acc.wait_for_everyone()
+        self.dir.release()
         acc.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -180,7 +180,17 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
                        "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
                        "train_limit": self.train_limit is None or self.train_limit >= 1,
                        "train_offset": self.train_offset >= 0, "validation_size": self.validation_size >= 0,
-                       "eval_steps": self.eval_steps >= 0})
+                       "eval_steps": self.eval_steps >= 0, "weight_decay": self.weight_decay >= 0,
+                       "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0, "lora_alpha": self.lora_alpha > 0,
+                       "lora_target_modules": self.lora_target_modules is None or (bool(self.lora_target_modules)
+                                                                                   and all(self.lora_target_modules))})
+        from posttrain.engine import ENGINES
+        from posttrain.engine.models import DTYPES
+
+        if self.engine not in ENGINES:
+            raise PosttrainError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise PosttrainError(f"unknown --dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
         if self.method not in METHODS:
             raise PosttrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.quantized_rollouts not in QUANTIZED_ROLLOUTS:

@@ -78,6 +78,9 @@ class SFTConfig(TrainerOptions):
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "max_tokens_per_forward": self.max_tokens_per_forward >= self.max_len,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "eval_examples": self.eval_examples >= 0,
+            "eval_accuracy_samples": self.eval_accuracy_samples >= 0,
+            "eval_max_new_tokens": self.eval_max_new_tokens >= 1,
         }, "sft")
         if self.truncation not in TRUNCATION:
             raise PosttrainError(f"unknown truncation {self.truncation!r}; choose one of {', '.join(TRUNCATION)}")
@@ -94,17 +97,15 @@ class Tokenized:
 def tokenize_examples(task: Task, examples, tokenizer, max_len: int, truncation: str) -> tuple[list[Tokenized], dict]:
     """Pre-tokenize once; apply the truncation policy and count what it touched."""
     out, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "no_solution": 0}
-    targets = []
     kept = []
     for ex in examples:
         if not ex.response:
             stats["no_solution"] += 1
             continue
         kept.append(ex)
-        targets.append(task.target(ex))
     if not kept:
         raise PosttrainError(f"task {task.name!r} has no training examples with worked solutions")
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    target_ids = task.encode_targets(kept, tokenizer)
     eos = tokenizer.eos_token_id
     for ex, resp in zip(kept, target_ids):
         prompt = task.encode_prompt(ex, tokenizer)
