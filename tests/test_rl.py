@@ -574,5 +574,5 @@ def test_quantized_rollouts_is_checked_before_a_model_loads(tmp_path):
     from posttrain.trainers.rl import RLConfig
 
     assert RLConfig(model="m", output=str(tmp_path / "o")).quantized_rollouts == "auto"
-    with pytest.raises(PosttrainError, match="unknown --quantized-rollouts 'int4'; choose one of auto, dequantized, 4bit"):
+    with pytest.raises(PosttrainError, match="unknown --quantized-rollouts 'int4'; choose one of auto, dequantized, transient, 4bit"):
         RLConfig(model="m", output=str(tmp_path / "o"), quantized_rollouts="int4")
