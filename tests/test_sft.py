@@ -408,11 +408,16 @@ def test_validation_is_the_train_splits_tail_and_evaluations_use_it(tiny_model_d
     assert config["data_stats"]["examples"] == 8 and config["mixed_precision"] == "bf16"
 
 
-def test_mixed_precision_choices():
+def test_mixed_precision_choices(monkeypatch, capsys):
+    from posttrain.trainers import run
     from posttrain.trainers.run import make_accelerator
 
     assert make_accelerator("auto").mixed_precision == "no"  # CPU: fp32 unless asked
-    assert make_accelerator("bf16").mixed_precision == "bf16"
+    for native in (True, False):
+        monkeypatch.setattr(run, "cpu_has_native_bf16", lambda native=native: native)
+        capsys.readouterr()
+        assert make_accelerator("bf16").mixed_precision == "bf16"  # as asked, with a line where it is emulated
+        assert ("emulated and many times slower than fp32" in capsys.readouterr().out) is not native
     with pytest.raises(PosttrainError, match="mixed-precision"):
         SFTConfig(mixed_precision="fp8")
 
