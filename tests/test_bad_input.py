@@ -151,7 +151,8 @@ CASES = [
     ("eval weights matching none of the tensors", ["eval", "--model", "{F}/renamed", "--limit", "1"], "match none of the model's tensors"),
     ("rl reward returning a string", ["rl", "--model", "{F}/model", "--reward", "{F}/rewards.py:as_text", "--output", "out", *RL_TINY],
      "reward function 'rewards.as_text' returned str"),
-    ("merge an adapter with a damaged pickle", ["merge", "--adapter", "{F}/pickled_adapter", "--output", "merged"], "could not apply adapter"),
+    ("merge an adapter with a damaged pickle", ["merge", "--adapter", "{F}/pickled_adapter", "--output", "merged"],
+     "not a readable checkpoint (a damaged or foreign pickle)"),
 ]
 
 
@@ -399,3 +400,14 @@ def test_pretrain_replaces_only_its_own_model_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--overwrite"]) == 2 and "holds files posttrain did not write (notes.md)" in capsys.readouterr().err
     assert (tmp_path / "m" / "notes.md").read_text() == "mine"
+
+
+def test_a_library_deprecation_a_user_cannot_act_on_does_not_precede_the_error_line(tmp_path):
+    """peft warns through transformers' deprecated ``is_gradient_checkpointing`` each time it wraps a
+    model; after ``main`` has run, that warning (its real text) is not shown, others still are."""
+    probe = ("import warnings\nfrom posttrain.cli.main import main\nmain(['grade', 'missing.jsonl'])\n"
+             "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+             "`is_activation_checkpointing` instead.', FutureWarning)\nwarnings.warn('another one', FutureWarning)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert "posttrain grade: error:" in r.stderr and "is_gradient_checkpointing" not in r.stderr and "another one" in r.stderr

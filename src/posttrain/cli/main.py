@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from posttrain.errors import PosttrainError
 
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_bytecode_cache()  # before torch and transformers are imported (see posttrain.startup)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library warnings a user can do nothing about, printed before any one-line error: peft 0.21 reads
+    # transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model, and torch's
+    # weights-only unpickler comments on the protocol of a pickle it is about to refuse.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

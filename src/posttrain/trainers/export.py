@@ -62,6 +62,8 @@ def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as e:  # damaged adapter files too
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in why:  # torch's advice would be to unpickle it anyway
+            why = "a weights file there is not a readable checkpoint (a damaged or foreign pickle)"
         raise PosttrainError(f"could not apply adapter {adapter_dir} to {base}: {why}; check the adapter's files") from None
     tok_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base
     tokenizer = load_tokenizer(tok_source)
