@@ -8,8 +8,14 @@ import sys
 from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 
-# Timestamp bytecode, as wheels ship it, whatever SOURCE_DATE_EPOCH an earlier test or tool left set.
+# Timestamp bytecode in __pycache__ beside the source, as wheels ship it, whatever an earlier test left
+# set in this process (SOURCE_DATE_EPOCH makes py_compile write hash-checked files; an in-process
+# ``main`` sets sys.pycache_prefix, which moves py_compile's default output).
 TIMESTAMP = py_compile.PycInvalidationMode.TIMESTAMP
+
+
+def _beside_pyc(mods: Path, name: str) -> str:
+    return str(mods / "__pycache__" / f"{name}.{sys.implementation.cache_tag}.pyc")
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE = ("from posttrain.startup import enable_bytecode_cache; print(enable_bytecode_cache()); "
          "import fresh, beside, stale; print(fresh.X, beside.X, stale.X)")
@@ -33,9 +39,9 @@ def test_bytecode_is_read_beside_the_source_else_cached_by_posttrain(tmp_path):
     mods.mkdir()
     (mods / "fresh.py").write_text("X = 1\n")
     (mods / "beside.py").write_text("X = 2\n")
-    py_compile.compile(str(mods / "beside.py"), invalidation_mode=TIMESTAMP)  # shipped with its bytecode
+    py_compile.compile(str(mods / "beside.py"), _beside_pyc(mods, "beside"), invalidation_mode=TIMESTAMP)  # shipped with its bytecode
     (mods / "stale.py").write_text("X = 3\n")
-    py_compile.compile(str(mods / "stale.py"), invalidation_mode=TIMESTAMP)
+    py_compile.compile(str(mods / "stale.py"), _beside_pyc(mods, "stale"), invalidation_mode=TIMESTAMP)
     (mods / "stale.py").write_text("X = 33\n")  # its bytecode beside it is now out of date
     os.utime(mods / "stale.py", (1_700_000_000, 1_700_000_000))
 
