@@ -320,6 +320,18 @@ def _flip_adapters(model):
                 p.mul_(-1)
 
 
+def _counted_stand_in(tok, monkeypatch):
+    """A LoRA policy on the 4-bit stand-in, the list its dequantizations are counted in, 4 prompts,
+    20 greedy tokens, and HF generate's tokens for them."""
+    from posttrain.engine import projections
+
+    dequantized = []
+    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
+    model = _with_lora(_quantized_stand_in(make_tiny_model(len(tok))))
+    prompts, params = _prompts(tok, 4), SamplingParams(max_new_tokens=20)
+    return dequantized, model, prompts, params, [c.token_ids for c in HFEngine(model, tok, 4).generate(prompts, params)]
+
+
 def test_4bit_path_computes_from_the_packed_base_with_the_adapters_apart(tiny_tokenizer, monkeypatch, capsys):
     """quantized_rollouts=4bit: each 4-bit layer computes itself (bitsandbytes' Linear4bit forward;
     here the stand-in's) and each adapter is its own low-rank product: the tokens of the dequantized
@@ -327,11 +339,7 @@ def test_4bit_path_computes_from_the_packed_base_with_the_adapters_apart(tiny_to
     the trained adapter."""
     from posttrain.engine import projections
 
-    dequantized = []
-    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
-    model = _with_lora(_quantized_stand_in(make_tiny_model(len(tiny_tokenizer))))
-    prompts, params = _prompts(tiny_tokenizer, 4), SamplingParams(max_new_tokens=20)
-    hf = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    dequantized, model, prompts, params, hf = _counted_stand_in(tiny_tokenizer, monkeypatch)
     dense = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="dequantized")
     assert [c.token_ids for c in dense.generate(prompts, params)] == hf
     assert len(dequantized) == 7 * model.config.num_hidden_layers  # the copy: every 4-bit projection dequantized
@@ -368,13 +376,7 @@ def test_transient_copy_is_built_for_each_rollout_and_freed_for_the_update(tiny_
     """quantized_rollouts=transient: the tokens of the kept copy (and of HF generate); ``release``
     frees the copy, the KV cache and the graphs; the next rollout dequantizes and merges the trained
     adapter again, and the notice is said once."""
-    from posttrain.engine import projections
-
-    dequantized = []
-    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
-    model = _with_lora(_quantized_stand_in(make_tiny_model(len(tiny_tokenizer))))
-    prompts, params = _prompts(tiny_tokenizer, 4), SamplingParams(max_new_tokens=20)
-    hf = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
+    dequantized, model, prompts, params, hf = _counted_stand_in(tiny_tokenizer, monkeypatch)
     engine = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="transient")
     assert [c.token_ids for c in engine.generate(prompts, params)] == hf
     per_copy = 7 * model.config.num_hidden_layers

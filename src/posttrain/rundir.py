@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from posttrain.errors import PosttrainError
-from posttrain.utils import check_writable, honour_umask, write_json
+from posttrain.utils import check_writable, honour_umask, move_into_place, write_json
 
 RECORD = ".posttrain-run.json"
 LOCK = ".posttrain.lock"
@@ -451,13 +451,7 @@ def atomic_folder(path: str | os.PathLike, command: str, *, replace: bool = Fals
         write_json(tmp / RECORD, Record(command, created=sorted(os.listdir(tmp))).to_json())
         honour_umask(tmp)
         check_new_folder(path, command, replace=replace, flag=flag)
-        if target.exists():
-            old = make_temp_folder(target.parent, target.name)
-            os.replace(target, old / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        move_into_place(tmp, target, lambda: make_temp_folder(target.parent, target.name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

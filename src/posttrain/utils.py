@@ -128,15 +128,23 @@ def atomic_dir(path: str | os.PathLike, replace_if: str | None = None) -> Iterat
         honour_umask(tmp)
         if path.exists():
             check_replaceable(path, replace_if)
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into_place(tmp: Path, target: Path, make_aside) -> None:
+    """Rename the finished folder ``tmp`` to ``target``. An existing ``target`` (already judged
+    replaceable by the caller) is first renamed into a fresh empty folder from ``make_aside()``, so
+    ``target`` is always whole (old or new), then removed with it."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    aside = make_aside()
+    os.replace(target, aside / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_replaceable(path: Path, replace_if: str | None = None) -> None:
