@@ -1,12 +1,13 @@
 """The fast engine on a QLoRA policy, both ways it can serve the 4-bit base (issue 26):
 
 * ``dequantized``: a bf16 copy of the base with the LoRA adapters merged in (rewritten at each sync);
-* ``4bit``: straight from the NF4 weights with bitsandbytes' kernels, each adapter its own low-rank
+* ``4bit``: straight from the NF4 weights (decode steps through posttrain's ``engine.nf4`` kernel, prefills
+  through bitsandbytes), each adapter its own low-rank
   product (nothing rewritten at a sync).
 
 The policy is built as seed 003's run builds it (``configs/grpo_llama31_8b.yaml``): a model of the shape
 with random bf16 weights, saved, loaded NF4 + double quantization + bf16 compute,
-``prepare_model_for_kbit_training``, LoRA from the config (r 8, alpha 32, all seven projections), its
+LoRA from the config (r 8, alpha 32, all seven projections), its
 ``lora_B`` made non-zero so the adapters matter. For HF generate and each path, in this order and in one
 process: greedy agreement with HF generate (16 prompts × 64 tokens, token-level %), the rollout of one
 GRPO step with the config's settings (8 prompts × G 4 = 32 completions, 256 new tokens, T 0.7, top-p 0.9,
@@ -91,14 +92,14 @@ def write_model(shape: dict, folder: str, device: torch.device) -> None:
 
 
 def qlora_policy(folder: str, cfg: dict, compute_dtype: torch.dtype, device: torch.device):
-    """Seed 003's policy: NF4 with double quantization at load, prepared for k-bit training, LoRA on top."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Seed 003's policy as ``posttrain rl`` builds it: NF4 with double quantization at load, LoRA on top
+    (``get_peft_model`` alone, as the seed and TRL: no fp32 upcast of norms and embeddings)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute_dtype)
     model = load_model(folder, compute_dtype, str(device), quantization_config=quant)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                                              bias="none", task_type="CAUSAL_LM", target_modules=cfg["lora_target_modules"]))
     with torch.no_grad():
@@ -151,6 +152,7 @@ def main():
     ap.add_argument("--out", default="qlora_engine.json")
     ap.add_argument("--compute-dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (seed 003) or fp32")
     ap.add_argument("--paths", default="4bit,dequantized", help="which of the engine's paths to measure, in order")
+    ap.add_argument("--model", help="a saved model of the shape to load (bench/shapes.py writes one) instead of writing one")
     args = ap.parse_args()
     cfg = yaml.safe_load(CONFIG.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,11 +168,14 @@ def main():
     except ImportError:
         sys.exit("bench/qlora_engine.py needs bitsandbytes: pip install bitsandbytes")
 
-    with tempfile.TemporaryDirectory(prefix="qlora-engine-") as folder:
-        t = time.perf_counter()
-        write_model(shape, folder, device)
-        model = qlora_policy(folder, cfg, compute_dtype, device)
-        row["build_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    if args.model:
+        model = qlora_policy(args.model, cfg, compute_dtype, device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="qlora-engine-") as folder:
+            write_model(shape, folder, device)
+            model = qlora_policy(folder, cfg, compute_dtype, device)
+    row["build_s"] = round(time.perf_counter() - t, 1)
     row["model_gib"] = round(torch.cuda.memory_allocated() / GIB, 2) if device.type == "cuda" else None
     copy = FastEngine(model, tok, 1).adapter.copy_bytes()
     row["dense_copy_gib"] = round(copy / GIB, 2)

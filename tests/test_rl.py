@@ -22,7 +22,7 @@ from posttrain.losses.policy import (
     token_logprobs,
 )
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
-from posttrain.trainers.rl import RLConfig, sequence_tensors, train
+from posttrain.trainers.rl import RLConfig, sequence_tensors, token_pieces, train
 
 TOY = '''
 def low_ids(prompts, completions, answer, completion_ids, **kw):
@@ -157,6 +157,38 @@ def test_micro_batches_are_cut_to_their_own_longest_row():
         assert torch.equal(mb.input_ids, batch.input_ids[rows, :w]) and torch.equal(mb.ref_logp, batch.ref_logp[rows, :w - 1])
         assert batch.completion_mask[rows, w - 1:].sum() == 0  # nothing scored was cut off
         assert torch.equal(mb.advantages, batch.advantages[rows])
+
+
+def test_a_token_budget_cuts_micro_batches_into_pieces_within_it():
+    assert token_pieces([5, 9, 3, 4], None) == [(0, 4)]
+    assert token_pieces([5, 9, 3, 4], 18) == [(0, 2), (2, 4)]  # 2 x 9 fits, 3 x 9 does not
+    assert token_pieces([5, 9, 3, 4], 8) == [(0, 1), (1, 2), (2, 4)]  # a row over the budget goes alone
+    assert token_pieces([], 8) == []
+    batch = random_rl_batch(50, n=8, width=12, seed=3)
+    lengths = batch.attention_mask.sum(1).tolist()
+    mbs = batch.micro_batches(4, max_tokens=2 * max(lengths))
+    assert sum(len(mb.input_ids) for mb in mbs) == 8 and len(mbs) >= 4  # no piece spans two micro-batches of 4
+    assert torch.equal(torch.cat([mb.advantages for mb in mbs]), batch.advantages)  # every row once, in order
+    assert all(mb.input_ids.numel() <= 2 * max(lengths) for mb in mbs)
+
+
+def test_the_token_budget_leaves_the_step_gradient_as_it_is(tiny_model, toy_file):
+    """Pieces of 1-2 rows instead of micro-batches of 8: the same gradient (the update's memory knob)."""
+    model = tiny_model.train()
+    batch = random_rl_batch(model.config.vocab_size)
+    whole, pieces = batch.micro_batches(8), batch.micro_batches(8, 20)
+    assert len(whole) == 2 and len(pieces) > 4 and all(mb.input_ids.numel() <= 20 for mb in pieces)
+    grads = []
+    for budget in (None, 20):
+        cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
+                       max_new_tokens=8, reward=[f"{toy_file}:low_ids"], update_max_tokens=budget)
+        grads.append(_step_gradient(model, batch, cfg)[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4)
+    with pytest.raises(PosttrainError, match="bnpo"):
+        RLConfig(algo="grpo", loss_type="bnpo", reward=["correctness"], update_max_tokens=512)
+    with pytest.raises(PosttrainError, match="at least 1"):
+        RLConfig(algo="grpo", reward=["correctness"], update_max_tokens=0)
 
 
 def test_bnpo_is_the_split_dependent_one_and_seq_sum_is_not(tiny_model, toy_file):

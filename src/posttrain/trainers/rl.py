@@ -95,6 +95,12 @@ class RLConfig(TrainerOptions):
     baseline_group_size: int | None = None
     """REINFORCE: each completion's baseline is the mean reward of its group of this many consecutive
     completions (seed 000: 4, its micro-batch); default: all of this rank's completions of the step."""
+    update_max_tokens: int | None = None
+    """Most tokens (rows × longest row) one forward of the update holds: a micro-batch of
+    --per-device-batch-size rows that would hold more is run as smaller consecutive pieces. The loss and
+    its gradient stay the same (each piece's loss is its share of the whole step's; not with bnpo,
+    which is defined per micro-batch), only the update's activation memory falls, at a few more
+    forwards. Default: whole micro-batches."""
     scale_rewards: bool = True
     """Divide advantages by the group (or batch) std."""
     drop_zero_advantage: bool = False
@@ -134,6 +140,11 @@ class RLConfig(TrainerOptions):
                   "top_p": 0 < self.top_p <= 1, "rollout_batch_size": self.rollout_batch_size >= 1,
                   "warmup_ratio": 0 <= self.warmup_ratio < 1, "epsilon_low": self.epsilon_low >= 0,
                   "epsilon_high": self.epsilon_high >= 0, "eval_samples": self.eval_samples >= 0}, "rl")
+        if self.update_max_tokens is not None and self.update_max_tokens < 1:
+            raise PosttrainError(f"--update-max-tokens must be at least 1, got {self.update_max_tokens}")
+        if self.update_max_tokens is not None and self.spec["aggregation"] == "bnpo":
+            raise PosttrainError("--update-max-tokens cuts micro-batches, which changes what bnpo averages over: "
+                                 "use it with --loss-type grpo, dapo or dr_grpo")
         if not self.reward:
             raise PosttrainError("give at least one --reward")
 
@@ -184,19 +195,36 @@ class Batch:
     old_logp: torch.Tensor | None = None  # [B, L-1] at rollout time (num_iterations > 1)
     ref_logp: torch.Tensor | None = None  # [B, L-1] under the reference policy (beta > 0)
 
-    def micro_batches(self, size: int) -> list[Batch]:
+    def micro_batches(self, size: int, max_tokens: int | None = None) -> list[Batch]:
         """Consecutive groups of ``size`` rows, each cut to its own longest row (rows are right-padded):
-        no micro-batch pays for another's longest completion."""
+        no micro-batch pays for another's longest completion. With ``max_tokens``, a group whose rows ×
+        longest row exceeds it is cut further into consecutive pieces that do not (a row alone may)."""
         def cut(x, rows, w):
             return None if x is None else x[rows, :w]
 
+        lengths = self.attention_mask.sum(1).tolist()
         out = []
-        for i in range(0, len(self.input_ids), size):
-            rows = slice(i, i + size)
-            w = int(self.attention_mask[rows].sum(1).max())
-            out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
-                             self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1)))
+        for i in range(0, len(lengths), size):
+            for start, stop in token_pieces(lengths[i:i + size], max_tokens):
+                rows = slice(i + start, i + stop)
+                w = int(max(lengths[rows]))
+                out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
+                                 self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1)))
         return out
+
+
+def token_pieces(lengths: list[int], max_tokens: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive rows whose count × longest length stays within ``max_tokens``
+    (one piece for all of them without it; a row longer than it alone)."""
+    if max_tokens is None:
+        return [(0, len(lengths))]
+    pieces, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > max_tokens:
+            pieces.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    return pieces + [(start, len(lengths))] if lengths else pieces
 
 
 # ------------------------------------------------------------------------------ the loop's steps --
@@ -289,7 +317,7 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
     log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
-    mbs, width = batch.micro_batches(cfg.per_device_batch_size), batch.completion_mask.shape[1]
+    mbs, width = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens), batch.completion_mask.shape[1]
 
     def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, padded back to the batch's width
         return torch.cat([F.pad(logp_of(mb), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
@@ -306,7 +334,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     whole step's (normalised by ``StepSize`` over all micro-batches and ranks). Gradients are left
     for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
     spec, world = cfg.spec, accelerator.num_processes
-    mbs = batch.micro_batches(cfg.per_device_batch_size)
+    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens)
     step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
     for k, mb in enumerate(mbs):

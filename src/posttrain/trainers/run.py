@@ -89,7 +89,7 @@ class RunOptions:
 # config lie about the run.
 RESUMABLE = {"output", "max_steps", "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
              "report_to", "push_to_hub", "eval_samples", "eval_examples", "eval_accuracy_samples", "engine",
-             "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes", "quantized_rollouts"}
+             "rollout_batch_size", "eval_batch_size", "max_bad_steps", "max_minutes", "quantized_rollouts", "update_max_tokens"}
 
 
 # Names a run writes at the top of its folder, checked before any work: none may be a user's file.
