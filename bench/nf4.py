@@ -8,7 +8,8 @@ quantization, blocks of 64: seed 003's ``BitsAndBytesConfig``), then:
   (must be equal bit for bit: the kernel rounds each weight as bitsandbytes does);
 * ``nf4.matmul`` for 1, 8, 32 and 64 rows against ``x @ dequantize_4bit(W)ᵀ`` (max relative error;
   only the fp32 summation order differs);
-* the launch settings (``--sweep``: column block, warps, stages, target programs) timed at 32 rows,
+* the launch settings (``--sweep``: column and input blocks, warps, stages, target programs, one dot
+  over interleaved weights or two over even and odd inputs) timed at 32 rows,
   the best overall reported and the default's time beside it;
 * times per call (CUDA events over 200 calls, median of 5) of ``nf4.matmul``, of bitsandbytes'
   ``matmul_4bit`` on the packed weight (what the ``4bit`` path ran before) and of a dense bf16
@@ -83,7 +84,7 @@ def main() -> None:
         dense = bnbf.dequantize_4bit(w.data, qs)
         entry = {"n": view.out_features, "k": view.in_features,
                  "dequantize_equal_to_bitsandbytes": bool(torch.equal(nf4.dequantize(view, torch.bfloat16), dense))}
-        packed_bytes = w.data.numel() + qs.absmax.numel() + 4 * qs.state2.absmax.numel()
+        packed_bytes = view.packed.numel() + 4 * view.absmax.numel()  # what the kernel reads
         for m in (1, 8, 32, 64):
             x = torch.randn(m, view.in_features, dtype=torch.bfloat16, device="cuda")
             want = x.float() @ dense.float().T
@@ -98,12 +99,12 @@ def main() -> None:
         result["shapes"][name] = entry
         print(name, json.dumps(entry), flush=True)
     if args.sweep:
-        grid = list(itertools.product((16, 32, 64), (2, 4, 8), (2, 3, 4), (132, 264, 528)))
+        grid = list(itertools.product((32, 64, 128), (128, 256), (4, 8), (3,), (264, 528), (False, True)))
         xs = {name: torch.randn(32, layer.in_features, dtype=torch.bfloat16, device="cuda") for name, layer in layers.items()}
         views = {name: nf4.NF4Weight.of(layer.weight) for name, layer in layers.items()}
         totals = []
-        for block_n, warps, stages, programs in grid:
-            cfg = dict(block_n=block_n, num_warps=warps, num_stages=stages, programs=programs)
+        for block_n, block_k, warps, stages, programs, join in grid:
+            cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, programs=programs, join=join)
             per = {name: timed(lambda name=name: nf4.matmul(xs[name], views[name], **cfg), calls=50, repeats=3) for name in layers}
             totals.append((sum(per.values()), cfg, per))
         totals.sort(key=lambda t: t[0])

@@ -100,7 +100,7 @@ class RLConfig(TrainerOptions):
     --per-device-batch-size rows that would hold more is run as smaller consecutive pieces. The loss and
     its gradient stay the same (each piece's loss is its share of the whole step's; not with bnpo,
     which is defined per micro-batch), only the update's activation memory falls, at a few more
-    forwards. Default: whole micro-batches."""
+    forwards (the no-grad log-prob forwards keep whole micro-batches). Default: whole micro-batches."""
     scale_rewards: bool = True
     """Divide advantages by the group (or batch) std."""
     drop_zero_advantage: bool = False
@@ -317,7 +317,7 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
     log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
-    mbs, width = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens), batch.completion_mask.shape[1]
+    mbs, width = batch.micro_batches(cfg.per_device_batch_size), batch.completion_mask.shape[1]  # no activations kept: no budget
 
     def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, padded back to the batch's width
         return torch.cat([F.pad(logp_of(mb), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
