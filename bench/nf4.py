@@ -99,16 +99,20 @@ def main() -> None:
         result["shapes"][name] = entry
         print(name, json.dumps(entry), flush=True)
     if args.sweep:
-        grid = list(itertools.product((32, 64, 128), (128, 256), (4, 8), (3,), (264, 528), (False, True)))
+        grid = list(itertools.product((32, 64, 128), (128, 256), (4, 8), (2,), (264, 528), (False, True)))
         xs = {name: torch.randn(32, layer.in_features, dtype=torch.bfloat16, device="cuda") for name, layer in layers.items()}
         views = {name: nf4.NF4Weight.of(layer.weight) for name, layer in layers.items()}
         totals = []
         for block_n, block_k, warps, stages, programs, join in grid:
             cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, programs=programs, join=join)
-            per = {name: timed(lambda name=name: nf4.matmul(xs[name], views[name], **cfg), calls=50, repeats=3) for name in layers}
+            try:
+                per = {name: timed(lambda name=name: nf4.matmul(xs[name], views[name], **cfg), calls=50, repeats=3) for name in layers}
+            except Exception as e:  # e.g. more shared memory than the GPU has
+                print("skipped", cfg, type(e).__name__, flush=True)
+                continue
             totals.append((sum(per.values()), cfg, per))
         totals.sort(key=lambda t: t[0])
-        default = next(t for t in totals if t[1] == nf4.LAUNCH)
+        default = next(t for t in totals if t[1] == nf4.LAUNCH)  # the default must run
         result["sweep_rows_32"] = {"best": [{"total_us": round(t, 2), **cfg, **{k: round(v, 2) for k, v in per.items()}}
                                             for t, cfg, per in totals[:5]],
                                    "default": {"total_us": round(default[0], 2), **default[1]}}

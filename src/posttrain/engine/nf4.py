@@ -36,7 +36,7 @@ QBLOCK2 = 256  # absmaxes per second-level scale under double quantization
 MAX_ROWS = 64
 """Rows up to which ``matmul`` serves a projection (decode steps); more go to bitsandbytes."""
 # Launch settings, chosen with bench/nf4.py on an H200 (it sweeps them).
-LAUNCH = {"block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3, "programs": 528, "join": False}
+LAUNCH = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "programs": 528, "join": False}
 
 
 @dataclass(frozen=True)
