@@ -21,7 +21,6 @@ quantization, blocks of 64: seed 003's ``BitsAndBytesConfig``), then:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -99,12 +98,14 @@ def main() -> None:
         result["shapes"][name] = entry
         print(name, json.dumps(entry), flush=True)
     if args.sweep:
-        grid = list(itertools.product((32, 64, 128), (128, 256), (4, 8), (2,), (264, 528), (False, True)))
+        grid = [(bn, bk, w, 2, 528, True, lut, scale) for (bn, bk, w) in ((32, 128, 4), (64, 256, 8), (64, 128, 4))
+                for lut in ("gather", "select", "none") for scale in ("byte", "block")]
         xs = {name: torch.randn(32, layer.in_features, dtype=torch.bfloat16, device="cuda") for name, layer in layers.items()}
         views = {name: nf4.NF4Weight.of(layer.weight) for name, layer in layers.items()}
         totals = []
-        for block_n, block_k, warps, stages, programs, join in grid:
-            cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, programs=programs, join=join)
+        for block_n, block_k, warps, stages, programs, join, lut, scale in grid:
+            cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, programs=programs, join=join, lut=lut,
+                       scale=scale)
             try:
                 per = {name: timed(lambda name=name: nf4.matmul(xs[name], views[name], **cfg), calls=50, repeats=3) for name in layers}
             except Exception as e:  # e.g. more shared memory than the GPU has
@@ -114,7 +115,8 @@ def main() -> None:
         totals.sort(key=lambda t: t[0])
         default = next(t for t in totals if t[1] == nf4.LAUNCH)  # the default must run
         result["sweep_rows_32"] = {"best": [{"total_us": round(t, 2), **cfg, **{k: round(v, 2) for k, v in per.items()}}
-                                            for t, cfg, per in totals[:5]],
+                                            for t, cfg, per in totals if cfg["lut"] != "none"][:5],
+                                   "all": [{"total_us": round(t, 2), **cfg} for t, cfg, per in totals],
                                    "default": {"total_us": round(default[0], 2), **default[1]}}
         print("sweep", json.dumps(result["sweep_rows_32"]), flush=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -74,12 +74,13 @@ def check_kernel() -> None:
                     x = torch.randn(m, k).to(dtype)
                     bias = torch.randn(n)
                     want = x.float() @ nf4.dequantize(w, dtype).float().T + bias
-                    for programs, block_k, join in ((1, 256, False), (64, 64, False), (1, 128, True), (64, 64, True)):
-                        # one span per column block or as many as steps; a step past the end of K or not
-                        got = nf4.matmul(x, w, bias, programs=programs, block_k=block_k, join=join)
+                    for programs, block_k, join, lut, scale in ((1, 256, False, "gather", "byte"), (64, 64, False, "select", "block"),
+                                                                (1, 128, True, "select", "byte"), (64, 64, True, "gather", "block")):
+                        # one span per column block or as many as steps; a step past the end of K or not; both decodings
+                        got = nf4.matmul(x, w, bias, programs=programs, block_k=block_k, join=join, lut=lut, scale=scale)
                         assert got.dtype == dtype and got.shape == (m, n)
                         err = (got.float() - want).abs().max().item()
-                        assert err <= tol * want.abs().max().item(), (double, n, k, dtype, m, programs, block_k, join, err)
+                        assert err <= tol * want.abs().max().item(), (double, n, k, dtype, m, programs, block_k, join, lut, scale, err)
     x3 = torch.randn(2, 3, 64)
     w = nf4.NF4Weight.of(quantize_nf4(torch.randn(32, 64)))
     assert torch.allclose(nf4.matmul(x3, w), x3 @ nf4.dequantize(w, torch.float32).T, atol=1e-4)

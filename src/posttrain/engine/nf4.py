@@ -36,7 +36,12 @@ QBLOCK2 = 256  # absmaxes per second-level scale under double quantization
 MAX_ROWS = 64
 """Rows up to which ``matmul`` serves a projection (decode steps); more go to bitsandbytes."""
 # Launch settings, chosen with bench/nf4.py on an H200 (it sweeps them).
-LAUNCH = {"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 2, "programs": 528, "join": False}
+LAUNCH = {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 2, "programs": 528, "join": True, "lut": "select", "scale": "block"}
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+"""bitsandbytes' NF4 code (the QLoRA paper's normal-float levels), which the kernel holds as constants."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class NF4Weight:
             return None
         nested = getattr(qs, "nested", False) or getattr(qs, "state2", None) is not None
         if nested and qs.state2.blocksize != QBLOCK2:
+            return None
+        if not torch.equal(qs.code.float().cpu(), torch.tensor(NF4_LEVELS)):
             return None
         absmax = qs.absmax.reshape(-1)
         if nested:  # as bitsandbytes' dequantize_blockwise, then + offset, in fp32
@@ -100,6 +107,7 @@ def matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, **la
     _nf4_matmul[(-(-n // cfg["block_n"]), n_split)](
         x2, w.packed, w.absmax, w.code, part, m, n, k, span, x2.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg["block_n"], BLOCK_K=bk, JOIN=cfg["join"],
+        LUT={"gather": 0, "select": 1, "none": 2}[cfg["lut"]], SCALE_BLOCK=cfg["scale"] == "block",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = part[0] if n_split == 1 else part.sum(0)
     if bias is not None:
@@ -118,8 +126,30 @@ def dequantize(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _nf4_level(q, code_ptr, LUT: tl.constexpr):
+        """The NF4 level of 4-bit codes ``q`` (int32): a load from the code table, or (``LUT`` 1) a
+        tree of selects on the code's bits over the constant levels, which needs no memory access."""
+        if LUT == 0:
+            return tl.load(code_ptr + q)
+        if LUT == 2:  # bench only: the kernel without its decoding, to see what decoding costs
+            return q.to(tl.float32)
+        b0, b1, b2, b3 = (q & 1) != 0, (q & 2) != 0, (q & 4) != 0, (q & 8) != 0
+        a0 = tl.where(b0, -0.6961928009986877, -1.0)
+        a1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+        a2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+        a3 = tl.where(b0, 0.0, -0.09105003625154495)
+        a4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+        a5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+        a6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+        a7 = tl.where(b0, 1.0, 0.7229568362236023)
+        c0, c1, c2, c3 = tl.where(b1, a1, a0), tl.where(b1, a3, a2), tl.where(b1, a5, a4), tl.where(b1, a7, a6)
+        d0, d1 = tl.where(b2, c1, c0), tl.where(b2, c3, c2)
+        return tl.where(b3, d1, d0)
+
+    @triton.jit
     def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, span, stride_xm,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN: tl.constexpr,
+                    LUT: tl.constexpr, SCALE_BLOCK: tl.constexpr):
         # Program (column block, span): out[span, :, cols] = x[:, span] @ W[cols, span]ᵀ, BLOCK_K inputs a step.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BLOCK_M)
@@ -128,15 +158,24 @@ if triton is not None:
         k_lo = tl.program_id(1) * span
         k_hi = tl.minimum(k_lo + span, K)
         w_rows = w_ptr + cols[:, None] * (K // 2) + j[None, :]
-        s_rows = absmax_ptr + cols[:, None] * (K // 64) + (j // 32)[None, :]  # each byte's block absmax
+        s_bytes = absmax_ptr + cols[:, None] * (K // 64) + (j // 32)[None, :]  # each byte's block absmax
+        s_blocks = absmax_ptr + cols[:, None] * (K // 64) + tl.arange(0, BLOCK_K // 64)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k_ok = (k0 + 2 * j < k_hi)[None, :]
             byte = tl.load(w_rows + k0 // 2, mask=col_ok[:, None] & k_ok, other=0)
-            scale = tl.load(s_rows + k0 // 64, mask=col_ok[:, None] & k_ok, other=0.0)
+            hi = _nf4_level((byte >> 4).to(tl.int32), code_ptr, LUT)
+            lo = _nf4_level((byte & 15).to(tl.int32), code_ptr, LUT)
             # code x absmax in fp32, then rounded to the compute dtype: bitsandbytes' dequantized weight
-            hi = (tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale).to(x_ptr.dtype.element_ty)
-            lo = (tl.load(code_ptr + (byte & 15).to(tl.int32)) * scale).to(x_ptr.dtype.element_ty)
+            if SCALE_BLOCK:
+                b_ok = (k0 + 64 * tl.arange(0, BLOCK_K // 64) < k_hi)[None, :]
+                scale = tl.load(s_blocks + k0 // 64, mask=col_ok[:, None] & b_ok, other=0.0)[:, :, None]
+                hi = tl.reshape(tl.reshape(hi, (BLOCK_N, BLOCK_K // 64, 32)) * scale, (BLOCK_N, BLOCK_K // 2))
+                lo = tl.reshape(tl.reshape(lo, (BLOCK_N, BLOCK_K // 64, 32)) * scale, (BLOCK_N, BLOCK_K // 2))
+            else:
+                scale = tl.load(s_bytes + k0 // 64, mask=col_ok[:, None] & k_ok, other=0.0)
+                hi, lo = hi * scale, lo * scale
+            hi, lo = hi.to(x_ptr.dtype.element_ty), lo.to(x_ptr.dtype.element_ty)
             if JOIN:  # the weights in input order: one dot over the step's BLOCK_K inputs
                 w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
                 kk = k0 + tl.arange(0, BLOCK_K)
