@@ -1,8 +1,7 @@
 """The fast engine on a QLoRA policy, both ways it can serve the 4-bit base (issue 26):
 
 * ``dequantized``: a bf16 copy of the base with the LoRA adapters merged in (rewritten at each sync);
-* ``4bit``: straight from the NF4 weights (decode steps through posttrain's ``engine.nf4`` kernel, prefills
-  through bitsandbytes), each adapter its own low-rank
+* ``4bit``: straight from the NF4 weights with bitsandbytes' kernels, each adapter its own low-rank
   product (nothing rewritten at a sync).
 
 The policy is built as seed 003's run builds it (``configs/grpo_llama31_8b.yaml``): a model of the shape

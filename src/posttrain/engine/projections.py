@@ -6,10 +6,10 @@ down) is computed, and, for a bitsandbytes 4-bit base, which way.
   Linear is the model's own tensor, no copy. A 4-bit base is dequantized into the copy: a bf16 copy of
   the whole base (13 GiB on Llama-3.1-8B) lives beside the 4-bit one, and every sync dequantizes and
   merges again.
-* ``LowRankProjection``: each base layer computes itself straight from its packed weights — a decode
-  step's few rows through ``nf4.matmul`` (ours: the NF4 blocks dequantized in registers inside the GEMM),
-  anything else through bitsandbytes' ``Linear4bit`` (``bnb.matmul_4bit``: dequantize-then-GEMM one
-  layer at a time, as in prefills) — and each adapter is added as its own low-rank product
+* ``LowRankProjection``: each base layer computes itself — a bitsandbytes ``Linear4bit`` straight from
+  its packed weights, through ``bnb.matmul_4bit`` (bitsandbytes ≥ 0.50: its fused 4-bit GEMM for a few
+  rows, chosen per GPU and layer shape, else dequantize-then-GEMM one layer at a time, as in prefills;
+  older releases: its 4-bit GEMV for one row) — and each adapter is added as its own low-rank product
   x·Aᵀ·Bᵀ·scale, in the order and dtypes PEFT uses. It holds no weight: a sync rewrites nothing, the
   step reads the adapters' own tensors (which the optimizer updates in place), so it follows the policy
   live, as HF generate does.
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from posttrain.engine import nf4
 from posttrain.errors import PosttrainError
 
 QUANTIZED_ROLLOUTS = ("auto", "dequantized", "transient", "4bit")
@@ -157,25 +156,20 @@ class MergedProjection:
 
 class LowRankProjection:
     """Projections of one input computed by their own base layers (a 4-bit one from its packed
-    weights: ``nf4.matmul`` for a decode step's rows, else bitsandbytes), outputs side by side, each LoRA adapter added as its own
+    weights, with bitsandbytes' kernels), outputs side by side, each LoRA adapter added as its own
     low-rank product as PEFT adds it: ``(B(A(x in A's dtype)) · scale)`` in the result's dtype. No
     weight is copied or rewritten, at construction or at a sync."""
 
     def __init__(self, modules):
         self.modules = modules
         self.parts: list[LinearParts] = []
-        self.nf4: list[nf4.NF4Weight | None] = []
         self._tensors = None
         self.refresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
-        few = x.numel() // x.shape[-1] <= nf4.MAX_ROWS
-        for p, packed in zip(self.parts, self.nf4):
-            if packed is not None and few:
-                y = nf4.matmul(x, packed, p.base.bias)
-            else:
-                y = p.base(x)  # bitsandbytes' Linear4bit.forward: bnb.matmul_4bit on the packed weight
+        for p in self.parts:
+            y = p.base(x)  # bitsandbytes' Linear4bit.forward: bnb.matmul_4bit on the packed weight
             for lb, la, scale in p.adapters:
                 y = y + (F.linear(F.linear(x.to(la.weight.dtype), la.weight, la.bias), lb.weight, lb.bias) * scale).to(y.dtype)
             outs.append(y)
@@ -187,9 +181,6 @@ class LowRankProjection:
         self.parts = [linear_parts(m) for m in self.modules]
         tensors = [p.tensors() for p in self.parts]
         moved, self._tensors = tensors != self._tensors, tensors
-        if moved:  # the kernel's views of the packed weights (reading a quant state's offset syncs once)
-            self.nf4 = [nf4.NF4Weight.of(p.base.weight) if p.quantized and nf4.usable(p.base.weight.device) else None
-                        for p in self.parts]
         return moved
 
 
