@@ -56,7 +56,7 @@ def test_stop_strings(tiny_model, tiny_tokenizer):
 
 
 def test_prefill_chunks_bound_padded_tokens():
-    from posttrain.engine.scheduler import prefill_chunks
+    from posttrain.utils import padded_chunks as prefill_chunks
 
     lengths = [5, 50, 3, 100, 7, 7, 7]
     chunks = prefill_chunks(lengths, 120)

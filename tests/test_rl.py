@@ -22,7 +22,7 @@ from posttrain.losses.policy import (
     token_logprobs,
 )
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
-from posttrain.trainers.rl import RLConfig, sequence_tensors, token_pieces, train
+from posttrain.trainers.rl import RLConfig, sequence_tensors, train
 
 TOY = '''
 def low_ids(prompts, completions, answer, completion_ids, **kw):
@@ -160,10 +160,6 @@ def test_micro_batches_are_cut_to_their_own_longest_row():
 
 
 def test_a_token_budget_cuts_micro_batches_into_pieces_within_it():
-    assert token_pieces([5, 9, 3, 4], None) == [(0, 4)]
-    assert token_pieces([5, 9, 3, 4], 18) == [(0, 2), (2, 4)]  # 2 x 9 fits, 3 x 9 does not
-    assert token_pieces([5, 9, 3, 4], 8) == [(0, 1), (1, 2), (2, 4)]  # a row over the budget goes alone
-    assert token_pieces([], 8) == []
     batch = random_rl_batch(50, n=8, width=12, seed=3)
     lengths = batch.attention_mask.sum(1).tolist()
     mbs = batch.micro_batches(4, max_tokens=2 * max(lengths))

@@ -197,3 +197,17 @@ def process_age_s() -> float | None:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def padded_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) slices of rows whose padded size (rows × longest) stays within
+    ``budget`` tokens, a row longer than it alone (prefill chunks, the update's pieces)."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > budget:
+            out.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        out.append((start, len(lengths)))
+    return out

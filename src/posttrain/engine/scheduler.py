@@ -24,6 +24,7 @@ from posttrain.engine import kernels
 from posttrain.engine.base import Completion, SamplingParams, finish
 from posttrain.engine.decode_state import KVCache, Rows, StepSpec, Wave
 from posttrain.engine.models import sdpa_backends
+from posttrain.utils import padded_chunks
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 SPAN_STEP = 64
@@ -49,19 +50,6 @@ def lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log-sum-exp of logits / T in fp32. [n, V] -> [n]"""
     return torch.logsumexp(logits.float() / temperature, dim=-1)
 
-
-def prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive [start, stop) slices whose padded size (rows × longest) stays within ``budget``
-    tokens (always at least one prompt): big prefill products, bounded activation memory."""
-    out, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start + 1) * max(longest, n) > budget:
-            out.append((start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
-    if lengths:
-        out.append((start, len(lengths)))
-    return out
 
 
 def rows_bucket(n: int) -> int:
@@ -171,7 +159,7 @@ class Scheduler:
         """Run each prompt once; write its K/V into cache rows ``rows`` (one list of rows per prompt's
         group); return the last-position logits [P, V] (fp32)."""
         out = []
-        for start, stop in prefill_chunks([len(p) for p in prompts], self.prefill_tokens):
+        for start, stop in padded_chunks([len(p) for p in prompts], self.prefill_tokens):
             chunk = prompts[start:stop]
             width = max(len(p) for p in chunk)
             ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=self.device)

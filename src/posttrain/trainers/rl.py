@@ -37,7 +37,7 @@ from posttrain.trainers.data import data_splits, epoch_indices
 from posttrain.trainers.logprobs import reference_logprobs, sequence_logprobs
 from posttrain.trainers.run import TrainingRun
 from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, load_reference, warmup_steps_for
-from posttrain.utils import seed_everything
+from posttrain.utils import padded_chunks, seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
 ALGORITHMS = {
@@ -205,26 +205,13 @@ class Batch:
         lengths = self.attention_mask.sum(1).tolist()
         out = []
         for i in range(0, len(lengths), size):
-            for start, stop in token_pieces(lengths[i:i + size], max_tokens):
+            group = lengths[i:i + size]
+            for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks(group, max_tokens):
                 rows = slice(i + start, i + stop)
                 w = int(max(lengths[rows]))
                 out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
                                  self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1)))
         return out
-
-
-def token_pieces(lengths: list[int], max_tokens: int | None) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive rows whose count × longest length stays within ``max_tokens``
-    (one piece for all of them without it; a row longer than it alone)."""
-    if max_tokens is None:
-        return [(0, len(lengths))]
-    pieces, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start + 1) * max(longest, n) > max_tokens:
-            pieces.append((start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
-    return pieces + [(start, len(lengths))] if lengths else pieces
 
 
 # ------------------------------------------------------------------------------ the loop's steps --
