@@ -324,6 +324,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens)
     step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
+    losses = []
     for k, mb in enumerate(mbs):
         # Gradients are all-reduced only after the last micro-batch of the step.
         sync = accelerator.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext()
@@ -334,15 +335,17 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
                 mb.completion_mask, step, ref_logp=mb.ref_logp,
                 beta=cfg.beta, kl_estimator=spec["kl_estimator"], eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
                 aggregation=spec["aggregation"], max_len=cfg.max_new_tokens)
-        if not torch.isfinite(loss):
-            return False, {}
         accelerator.backward(loss * world)  # DDP averages gradients over ranks; the shares add up over them
+        losses.append(loss.detach())
         m["entropy"] = agg_token_mean(entropy.detach(), mb.completion_mask, step, 0)
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v.detach().float()
+    # One host sync a step, after every backward is queued (a check per micro-batch would stall the
+    # launches of the next one); a non-finite step's gradients are then discarded by the optimizer step.
+    finite = bool(torch.isfinite(torch.stack(losses)).all())
     names = sorted(sums)
     totals = accelerator.reduce(torch.stack([sums[k] for k in names]).to(accelerator.device), "sum")
-    return True, dict(zip(names, totals.tolist()))
+    return finite, dict(zip(names, totals.tolist())) if finite else {}
 
 
 # -------------------------------------------------------------------------------------- training --
