@@ -257,3 +257,22 @@ def test_a_failed_new_run_leaves_nothing_and_a_kept_one_stays(tmp_path):
     assert RunDir(tmp_path / "a", "rl").check() == "new"  # the corrected rerun is not blocked
     resumed.release()
     kept.release()
+
+
+def test_the_final_model_is_staged_in_a_recorded_folder_and_nothing_else(tmp_path, tiny_tokenizer):
+    """save_final_model writes into ``model.tmp-final`` (recorded before it is made), clears one a killed
+    save left, moves every file to the top of the run folder, and leaves no other (hidden) folder."""
+    from conftest import make_tiny_model
+    from posttrain.trainers.checkpoints import save_final_model
+    from posttrain.trainers.run import make_accelerator
+
+    out = tmp_path / "run"
+    (out / "model.tmp-final").mkdir(parents=True)
+    (out / "model.tmp-final" / "half-written.bin").write_bytes(b"x")  # a killed save's leftover
+    owned = []
+    save_final_model(make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer, out, make_accelerator(), extra={"stage": "sft"},
+                     own=lambda *names: owned.extend(names))
+    assert owned[0] == "model.tmp-final" and set(owned[1:]) == {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.is_dir()) == []
+    assert (out / "model.safetensors").is_file() and json.loads((out / "posttrain.json").read_text()) == {"stage": "sft"}
+    assert not (out / "half-written.bin").exists()

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from posttrain.errors import PosttrainError
 
@@ -111,29 +111,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, replace_if: str | None = None) -> Iterator[Path]:
-    """Build a directory under a temp name and move it into place when the block succeeds: a kill
-    leaves either nothing or the whole folder (and a hidden temp folder).
-
-    An existing, non-empty ``path`` is replaced only if it holds the file ``replace_if`` (the marker
-    of a folder posttrain wrote); anything else there is refused before any work, never deleted.
-    """
-    path = Path(path)
-    check_replaceable(path, replace_if)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        honour_umask(tmp)
-        if path.exists():
-            check_replaceable(path, replace_if)
-        move_into_place(tmp, path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def move_into_place(tmp: Path, target: Path, make_aside) -> None:
     """Rename the finished folder ``tmp`` to ``target``. An existing ``target`` (already judged
     replaceable by the caller) is first renamed into a fresh empty folder from ``make_aside()``, so
@@ -145,17 +122,6 @@ def move_into_place(tmp: Path, target: Path, make_aside) -> None:
     os.replace(target, aside / target.name)
     os.replace(tmp, target)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def check_replaceable(path: Path, replace_if: str | None = None) -> None:
-    """Refuse (one line) to write a folder at ``path`` over something posttrain may not replace."""
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise PosttrainError(f"{path} is a file; give a folder path that does not exist yet")
-    if any(path.iterdir()) and not (replace_if and (path / replace_if).is_file()):
-        raise PosttrainError(f"{path} already exists and is not empty; posttrain will not replace it. "
-                             f"Choose a new folder (or delete it yourself)")
 
 
 def check_writable(path: str | os.PathLike, flag: str = "--output", kind: str = "folder") -> Path:

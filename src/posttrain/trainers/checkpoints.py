@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.utils import atomic_dir, honour_umask, write_json
+from posttrain.utils import honour_umask, write_json
 
 
 class Checkpoints:
@@ -164,14 +164,17 @@ def save_final_model(model, tokenizer, output: Path, accelerator, extra: dict | 
     state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
     if accelerator.is_main_process:
         own = own or (lambda *names: None)
+        # The files are written into a staging folder the run's record names (so a run killed while
+        # saving leaves only that, which the next save clears), then moved to the top of the output.
         own("model.tmp-final")
-        shutil.rmtree(output / "model.tmp-final", ignore_errors=True)  # ours (recorded), left by a run killed while saving
-        with atomic_dir(output / "model.tmp-final") as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            if extra:
-                write_json(tmp / "posttrain.json", extra)
         final = output / "model.tmp-final"
+        shutil.rmtree(final, ignore_errors=True)  # ours (recorded), left by a run killed while saving
+        final.mkdir()
+        unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        if extra:
+            write_json(final / "posttrain.json", extra)
+        honour_umask(final)
         own(*sorted(f.name for f in final.iterdir()))  # every name checked before any file moves
         # Move the finished files to the top of the output folder (where users look for them).
         for f in final.iterdir():
