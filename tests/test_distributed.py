@@ -29,6 +29,17 @@ def test_two_ranks_of_8_give_the_rl_gradient_of_one_rank_of_16(tmp_path, loss_ty
     assert two["stats"]["loss"] == pytest.approx(stats["loss"], rel=1e-4, abs=1e-6)
 
 
+def test_a_non_finite_loss_on_one_rank_ends_the_step_on_both(tmp_path):
+    """Rank 0's loss is NaN in its first micro-batch: both ranks finish the update (no rank leaves
+    the other waiting in the gradients' all-reduce), rank 0 says the step was not finite, rank 1 that
+    its own was; the optimizer step then skips it on every rank (``skip_step`` takes the minimum)."""
+    out = tmp_path / "nan"
+    r = run_torchrun(2, "tests/dist_update.py", out, "grpo", "nan", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert (rank0["finite"], rank0["stats"]) == (False, {}) and rank1["finite"] is True and "loss" in rank1["stats"]
+
+
 def _sft_args(model_dir, out, accum):
     return ["-m", "posttrain", "sft", "--model", model_dir, "--output", out, "--method", "lora", "--lora-dropout", 0,
             "--max-steps", 2, "--per-device-batch-size", 8, "--gradient-accumulation-steps", accum, "--eval-steps", 0,
