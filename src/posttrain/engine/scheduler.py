@@ -51,7 +51,6 @@ def lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-
 def rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
