@@ -276,3 +276,21 @@ def test_the_final_model_is_staged_in_a_recorded_folder_and_nothing_else(tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.is_dir()) == []
     assert (out / "model.safetensors").is_file() and json.loads((out / "posttrain.json").read_text()) == {"stage": "sft"}
     assert not (out / "half-written.bin").exists()
+
+
+def test_the_writability_probe_shows_no_entry_in_the_folder(tmp_path, monkeypatch):
+    """check_writable probes an existing folder with an unnamed file (Linux O_TMPFILE): a second
+    posttrain process inspecting the folder at that instant saw the old probe folder as a user's file
+    and refused with 'holds files posttrain did not write' (the racing-writers test, once in CI)."""
+    import tempfile
+
+    from posttrain.utils import check_writable
+
+    def no_named_probe(*a, **k):
+        raise AssertionError("a named probe entry was made")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_named_probe)
+    (tmp_path / "run").mkdir()
+    check_writable(tmp_path / "run")
+    check_writable(tmp_path / "run" / "new" / "deeper")  # probes the nearest existing folder
+    assert os.listdir(tmp_path / "run") == []

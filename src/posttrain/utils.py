@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -138,11 +139,27 @@ def check_writable(path: str | os.PathLike, flag: str = "--output", kind: str = 
     if not existing.is_dir():
         raise PosttrainError(f"{flag} {path}: {existing} is a file, so nothing can be written below it")
     try:
-        Path(tempfile.mkdtemp(prefix=".posttrain-probe-", dir=existing)).rmdir()
+        _probe_write(existing)
     except OSError as e:
         raise PosttrainError(f"{flag} {path}: cannot write in {existing} ({e.strerror or type(e).__name__}); "
                              "choose a writable place") from None
     return path
+
+
+def _probe_write(folder: Path) -> None:
+    """Raise OSError unless a file can be created in ``folder`` (permissions, read-only mounts, root
+    included, which ``os.access`` would not tell). On Linux the probe is an unnamed file (O_TMPFILE),
+    so the folder never shows an entry that another posttrain process inspecting it at that instant
+    would take for a user's; elsewhere, a temp folder made and removed at once."""
+    tmpfile = getattr(os, "O_TMPFILE", None)
+    if tmpfile is not None:
+        try:
+            os.close(os.open(folder, tmpfile | os.O_WRONLY, 0o600))
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise  # EACCES, EROFS, ...: the folder is not writable
+    Path(tempfile.mkdtemp(prefix=".posttrain-probe-", dir=folder)).rmdir()
 
 
 def seed_everything(seed: int) -> None:
