@@ -12,13 +12,14 @@ from pathlib import Path
 # set in this process (SOURCE_DATE_EPOCH makes py_compile write hash-checked files; an in-process
 # ``main`` sets sys.pycache_prefix, which moves py_compile's default output).
 TIMESTAMP = py_compile.PycInvalidationMode.TIMESTAMP
-
-
-def _beside_pyc(mods: Path, name: str) -> str:
-    return str(mods / "__pycache__" / f"{name}.{sys.implementation.cache_tag}.pyc")
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE = ("from posttrain.startup import enable_bytecode_cache; print(enable_bytecode_cache()); "
          "import fresh, beside, stale; print(fresh.X, beside.X, stale.X)")
+
+
+def _beside_pyc(mods: Path, name: str) -> str:
+    """Where a wheel ships ``name``'s bytecode (importlib's cache_from_source follows sys.pycache_prefix)."""
+    return str(mods / "__pycache__" / f"{name}.{sys.implementation.cache_tag}.pyc")
 
 
 def _run(tmp_path, **env):
