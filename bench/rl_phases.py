@@ -6,6 +6,8 @@ the engine's own buffers (KV cache, graph pool). Issue 26 uses it on seed 003's 
     python bench/rl_phases.py --json OUT.json -- --config configs/grpo_llama31_8b.yaml --model DIR \\
         --max-steps 4 --quantized-rollouts 4bit --output /tmp/rl
 
+``--memory-cap-gib G`` caps this process's GPU memory at G GiB (``torch.cuda.set_per_process_memory_fraction``):
+a card of that size emulated, where any allocation past it fails, and what ``quantized_rollouts=auto`` sees.
 Everything after ``--`` is passed to ``posttrain rl`` unchanged. Writes one row per optimizer step:
 each phase's seconds and peak GiB, the GiB allocated when the step began, the KV cache's GiB.
 """
@@ -30,6 +32,7 @@ PHASES = {"collect_rollouts": "sample", "score": "reward", "fill_logprobs": "ref
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
+    ap.add_argument("--memory-cap-gib", type=float, help="cap this process's GPU memory (a smaller card emulated)")
     ap.add_argument("rl_args", nargs=argparse.REMAINDER, help="-- then posttrain rl's arguments")
     args = ap.parse_args()
     rl_args = args.rl_args[1:] if args.rl_args[:1] == ["--"] else args.rl_args
@@ -39,6 +42,8 @@ def main():
     from posttrain.trainers import rl
 
     cuda = torch.cuda.is_available()
+    if args.memory_cap_gib and cuda:
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / torch.cuda.mem_get_info()[1])
     steps: list[dict] = []
     engines = []
 
@@ -78,6 +83,7 @@ def main():
     t0 = time.perf_counter()
     rc = posttrain_main(["rl", *rl_args])
     row = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rl_args": rl_args,
+           "memory_cap_gib": args.memory_cap_gib, "quantized_path": getattr(engines[-1].decoder, "quantized_path", None) if engines else None,
            "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1),
            "peak_gib": max((v for s in steps for k, v in s.items() if k.endswith("_peak_gib")), default=None), "steps": steps}
     Path(args.json).write_text(json.dumps(row, indent=1))

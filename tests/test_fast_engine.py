@@ -428,9 +428,9 @@ def test_low_rank_projection_adds_each_adapter_as_peft_does(tiny_tokenizer, monk
 
 
 def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys):
-    """``auto``: the dequantized copy when it fits beside a quarter of the GPU kept free, else the
-    4-bit path (never the transient copy, asked for only); one line says which and why. Without a
-    GPU, the copy (nothing to save)."""
+    """``auto``: the dequantized copy when it fits beside a quarter of the GPU kept free; else the
+    transient copy when it fits beside the rollout's KV cache and a fiftieth of the GPU; else the
+    4-bit path; one line says which and why. Without a GPU, the copy (nothing to save)."""
     from posttrain.engine import projections
 
     monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
@@ -440,14 +440,17 @@ def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys
     assert projections.dense_copy_bytes(groups, torch.float32) == 2 * one_layer_qkv
     copy = 2 * one_layer_qkv
     gib = 2**30
-    for free, want in ((copy + gib, "dequantized"), (copy + gib - 1, "4bit")):  # a quarter of 4 GiB kept free
+    kv, slack = 3 * gib // 8, int(0.02 * 4 * gib)  # a fiftieth of 4 GiB: 0.08 GiB, and a bit
+    for free, want in ((copy + gib, "dequantized"), (copy + gib - 1, "transient"),  # a quarter of 4 GiB kept free
+                       (copy + kv + slack + 1, "transient"), (copy + kv + slack, "4bit")):
         monkeypatch.setattr(projections, "free_memory", lambda device, free=free: (free, 4 * gib))
-        assert projections.choose_quantized_path("auto", copy, torch.bfloat16, torch.device("cuda"))[0] == want
+        assert projections.choose_quantized_path("auto", copy, torch.bfloat16, torch.device("cuda"), kv)[0] == want
     assert projections.choose_quantized_path("4bit", copy, torch.bfloat16, torch.device("cuda"))[0] == "4bit"
     assert projections.choose_quantized_path("dequantized", 10**15, torch.bfloat16, torch.device("cuda"))[0] == "dequantized"
 
     prompts, params = _prompts(tiny_tokenizer, 2), SamplingParams(max_new_tokens=4)
-    for free, want, said in ((3 * gib, "dequantized", "which fits"), (gib, "4bit", "does not fit")):
+    for free, want, said in ((3 * gib, "dequantized", "which fits"), (gib // 2, "transient", "kept, it would not leave 25% free"),
+                             (gib // 20, "4bit", "does not fit")):
         monkeypatch.setattr(projections, "free_memory", lambda device, free=free: (free, 4 * gib))
         engine = make_engine("auto", model, tiny_tokenizer, 2)
         engine.generate(prompts, params)
@@ -570,3 +573,20 @@ def test_sampled_tokens_are_pinned(tiny_model, tiny_tokenizer, batch_size, tempe
     out = engine.generate(_prompts(tiny_tokenizer, 3), SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p,
                                                                       n=2, seed=7, logprobs=True))
     assert [c.token_ids for c in out] == PINNED_SAMPLES[batch_size, temperature, top_p]
+
+
+def test_free_memory_under_a_per_process_cap(monkeypatch):
+    """Under ``torch.cuda.set_per_process_memory_fraction`` (a 24 GB card emulated on a larger one)
+    ``auto`` weighs the cap, less what this process holds, not the device's free memory."""
+    from posttrain.engine import projections
+
+    gib, cuda = 2**30, torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (130 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert projections.free_memory(cuda) == (130 * gib, 140 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.25)
+    assert projections.free_memory(cuda) == (29 * gib, 35 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 40 * gib)
+    assert projections.free_memory(cuda) == (0, 35 * gib)
+    assert projections.free_memory(torch.device("cpu")) is None

@@ -106,7 +106,7 @@ class FastEngine(Engine):
         bar = tqdm(total=len(prompts) * g, desc="generate[fast]", disable=not progress, unit="seq")
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        self.adapter.build_weights()  # first call: build the inference weights
+        self.adapter.build_weights(self.scheduler.kv_bytes(prompts, params))  # first call: build the inference weights
         for start in range(0, len(prompts), per_wave):
             wave = prompts[start:start + per_wave]
             out.extend(self.scheduler.wave(wave, params, start))

@@ -115,9 +115,11 @@ class ModelAdapter:
     def built(self) -> bool:
         return self.weights is not None or not self.merge_weights
 
-    def build_weights(self) -> None:
+    def build_weights(self, rollout_bytes: int = 0) -> None:
         """Build the inference weights from the model (see the module docstring): once, before any
-        graph is captured. A layer the engine cannot compute (e.g. DoRA) turns the modules live."""
+        graph is captured. A layer the engine cannot compute (e.g. DoRA) turns the modules live.
+        ``rollout_bytes``: what the coming generate call allocates besides (its KV cache), which the
+        choice of a 4-bit base's path weighs."""
         if self.built:
             return
         groups = [_groups(layer) for layer in self.inner.layers]
@@ -126,7 +128,8 @@ class ModelAdapter:
             self.merge_weights = False  # e.g. DoRA: call the modules instead
             return
         if self.quantized_path is None and any(p.quantized for p in parts):  # chosen (and said) once
-            self.quantized_path, notice = choose_quantized_path(self.quantized_rollouts, self.copy_bytes(), self.dtype, self.device)
+            self.quantized_path, notice = choose_quantized_path(self.quantized_rollouts, self.copy_bytes(), self.dtype, self.device,
+                                                                    rollout_bytes)
             print(notice)
 
         def projection(mods):

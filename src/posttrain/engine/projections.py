@@ -31,6 +31,9 @@ KEEP_FREE = 0.25
 """``auto`` keeps the dequantized copy for the whole run only if, once it is built, this share of the
 GPU's memory is still free: room for the KV cache, the activations and the trainer's own step
 (optimizer states, gradients, log-prob forwards), which all come after the copy."""
+TRANSIENT_SLACK = 0.02
+"""``auto`` builds the copy for each rollout (``transient``) only if this share of the GPU's memory is
+left beside it and the rollout's KV cache: room for the rollout's own activations and logits."""
 
 
 
@@ -196,10 +199,17 @@ def dense_copy_bytes(groups: list[list], dtype: torch.dtype) -> int:
 
 
 def free_memory(device: torch.device) -> tuple[int, int] | None:
-    """(free, total) bytes of a CUDA device's memory; None for other devices."""
+    """(free, total) bytes of a CUDA device's memory as this process may use it; None for other
+    devices. Under a cap (``torch.cuda.set_per_process_memory_fraction``: a smaller card emulated, or
+    a GPU shared) the cap is the total and what this process holds counts as used."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    if fraction >= 1.0:
+        return free, total
+    cap = int(fraction * total)
+    return max(0, min(free, cap - torch.cuda.memory_reserved(device))), cap
 
 
 def check_quantized_rollouts(option: str) -> None:
@@ -207,17 +217,18 @@ def check_quantized_rollouts(option: str) -> None:
         raise PosttrainError(f"quantized_rollouts must be one of {', '.join(QUANTIZED_ROLLOUTS)}, got {option!r}")
 
 
-def choose_quantized_path(option: str, copy_bytes: int, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+def choose_quantized_path(option: str, copy_bytes: int, dtype: torch.dtype, device: torch.device, rollout_bytes: int = 0) -> tuple[str, str]:
     """("dequantized", "transient" or "4bit", a one-line notice of which and why) for a 4-bit base.
 
     The dense copy (one GEMM per group on dense weights with the adapters merged) samples fastest;
     the 4-bit path runs bitsandbytes layer by layer (its fused 4-bit kernel for few rows, else a
-    dequantization then the same GEMM) and two small GEMMs per adapter (``bench/qlora_engine.py``
-    measures both). ``transient`` builds the copy for each rollout and frees it (with the KV cache
-    and the graphs) before the update, whose peak then does not hold it: asked for only, since on an
-    H200 the memory allocated between its steps grew by 0.16 GiB a step (BENCHMARKS.md, issue 26).
-    ``auto``: the copy kept for the run when it fits beside a ``KEEP_FREE`` share of the GPU, else
-    the 4-bit path, which needs no memory beyond the 4-bit base."""
+    dequantization then the same GEMM) and two small GEMMs per adapter: on the 8B shape a rollout took
+    1.7 s from the copy and 4.8–5.9 s from the 4-bit weights (``bench/qlora_engine.py``,
+    ``bench/rl_phases.py``). ``transient`` builds the copy for each rollout and frees it (with the KV
+    cache and the graphs) before the update, whose peak then holds neither. ``auto``: the copy kept
+    for the run when it fits beside a ``KEEP_FREE`` share of the GPU; else the transient copy when it
+    fits now beside the rollout's KV cache (``rollout_bytes``) and a ``TRANSIENT_SLACK`` share (the
+    step's activations and logits); else the 4-bit path, which needs no memory beyond the 4-bit base."""
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
     size = f"{copy_bytes / 2**30:.2f} GiB"
     copy = f"a {dt} copy of the 4-bit base ({size})"
@@ -233,7 +244,11 @@ def choose_quantized_path(option: str, copy_bytes: int, dtype: torch.dtype, devi
         return "dequantized", f"fast engine: rollouts from {copy}: no GPU memory to save on {device.type}"
     free, total = mem
     room = f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
-    room = f"{room}, {KEEP_FREE:.0%} kept free"
     if copy_bytes + KEEP_FREE * total <= free:
-        return "dequantized", f"fast engine: rollouts from {copy}, which fits ({room}); quantized_rollouts=transient or 4bit saves that memory"
-    return "4bit", f"fast engine: rollouts straight from the 4-bit weights: {copy} does not fit ({room}); quantized_rollouts=dequantized forces it"
+        return "dequantized", (f"fast engine: rollouts from {copy}, which fits ({room}, {KEEP_FREE:.0%} kept free); "
+                               "quantized_rollouts=transient or 4bit saves that memory")
+    if copy_bytes + rollout_bytes + TRANSIENT_SLACK * total <= free:
+        return "transient", (f"fast engine: rollouts from {transient}: kept, it would not leave {KEEP_FREE:.0%} free ({room}); "
+                             "quantized_rollouts=4bit saves it during rollouts too, dequantized keeps it")
+    return "4bit", (f"fast engine: rollouts straight from the 4-bit weights: {copy} does not fit beside the rollout's "
+                    f"{rollout_bytes / 2**30:.2f} GiB KV cache ({room}); quantized_rollouts=transient or dequantized forces it")

@@ -154,8 +154,9 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     quantized_rollouts: str = "auto"
     """How the fast engine serves a QLoRA policy's 4-bit base: dequantized (a bf16 copy, merged at each
     sync), transient (that copy built for each rollout and freed before the update), 4bit (straight from
-    the 4-bit weights, the adapter as its own low-rank product) or auto (the copy when it leaves a quarter
-    of the GPU's memory free, else 4bit)."""
+    the 4-bit weights, the adapter as its own low-rank product) or auto (the copy kept when it leaves a
+    quarter of the GPU's memory free, else transient when the copy fits beside the rollout's KV cache,
+    else 4bit)."""
     eval_steps: int
     """Evaluate accuracy on held-out problems every N steps (0 disables)."""
     eval_batch_size: int = 64
