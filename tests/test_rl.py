@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_rl_batch, run_cli
 from posttrain.engine.base import Completion
@@ -604,3 +605,26 @@ def test_quantized_rollouts_is_checked_before_a_model_loads(tmp_path):
     assert RLConfig(model="m", output=str(tmp_path / "o")).quantized_rollouts == "auto"
     with pytest.raises(PosttrainError, match="unknown --quantized-rollouts 'int4'; choose one of auto, dequantized, transient, 4bit"):
         RLConfig(model="m", output=str(tmp_path / "o"), quantized_rollouts="int4")
+
+
+def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny_model, toy_file, monkeypatch):
+    """With gradient checkpointing the backward runs each layer's forward again; it must choose among
+    the attention kernels the forward chose (``sdpa_backends``: not cuDNN's), else the recomputed
+    tensors differ from the saved ones and torch's checkpoint refuses the step (seen on the 8B QLoRA
+    shape on an H200, where the update's forward ran flash attention and the recompute cuDNN's)."""
+    model = tiny_model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        calls.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+    _step_gradient(model, random_rl_batch(model.config.vocab_size), cfg)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * 2 * layers  # two micro-batches: each layer's forward, then its recompute
+    assert not any(calls)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import require
+from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import accuracy_eval
 from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss
@@ -335,7 +336,8 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
                 mb.completion_mask, step, ref_logp=mb.ref_logp,
                 beta=cfg.beta, kl_estimator=spec["kl_estimator"], eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
                 aggregation=spec["aggregation"], max_len=cfg.max_new_tokens)
-        accelerator.backward(loss * world)  # DDP averages gradients over ranks; the shares add up over them
+        with sdpa_backends():  # gradient checkpointing runs a layer's forward again here: the forward's attention kernels
+            accelerator.backward(loss * world)  # DDP averages gradients over ranks; the shares add up over them
         losses.append(loss.detach())
         m["entropy"] = agg_token_mean(entropy.detach(), mb.completion_mask, step, 0)
         for key, v in m.items():

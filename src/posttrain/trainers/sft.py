@@ -259,7 +259,8 @@ def train(cfg: SFTConfig) -> dict:
             sync = acc.no_sync(model) if k < len(chunks) - 1 else contextlib.nullcontext()  # all-reduce after the last
             with sync, acc.autocast(), sdpa_backends():  # not cuDNN's: Qwen2.5's SFT went NaN on it (H200)
                 nll, _ = masked_nll_sum(model(**chunk, use_cache=False).logits, labels)
-            acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
+            with sdpa_backends():  # gradient checkpointing runs a layer's forward again here: the forward's attention kernels
+                acc.backward(nll * run.world / global_tokens)  # DDP averages over ranks; the shares add up over them
             loss_sum += nll.detach()
         step_loss = (acc.reduce(loss_sum, "sum") / global_tokens).item()
         run.optimizer_step(math.isfinite(step_loss),
