@@ -238,6 +238,8 @@ class _Packed4bitLinear(torch.nn.Linear):
             self.bias = linear.bias
 
     def forward(self, x):  # as Linear4bit: in the compute dtype, the output in the input's dtype
+        if self.weight.numel() * 2 != self.in_features * self.out_features:
+            raise RuntimeError("the packed 4-bit weights are not here")  # Linear4bit would read them
         w = self.weight.quant_state
         return torch.nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
 
@@ -377,13 +379,21 @@ def test_transient_copy_is_built_for_each_rollout_and_freed_for_the_update(tiny_
     frees the copy, the KV cache and the graphs; the next rollout dequantizes and merges the trained
     adapter again, and the notice is said once."""
     dequantized, model, prompts, params, hf = _counted_stand_in(tiny_tokenizer, monkeypatch)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if hasattr(p, "quant_state")}
     engine = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="transient")
     assert [c.token_ids for c in engine.generate(prompts, params)] == hf
     per_copy = 7 * model.config.num_hidden_layers
     assert len(dequantized) == per_copy and "built for each rollout and freed before the update" in capsys.readouterr().out
     assert engine.adapter.weights is not None and engine.scheduler.kv is not None
+    # While the copy serves rollouts, the packed weights wait in host memory (a forward would fail) ...
+    assert len(packed) == per_copy and all(p.numel() == 0 for n, p in model.named_parameters() if n in packed)
+    with pytest.raises(RuntimeError, match="not here"):
+        HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)
     engine.release()
     assert engine.adapter.weights is None and engine.scheduler.kv is None and not engine.scheduler._graphs
+    for n, p in model.named_parameters():  # ... and are back, byte for byte, for the update
+        if n in packed:
+            assert torch.equal(p, packed[n]) and hasattr(p, "quant_state")
 
     _flip_adapters(model)  # a training step on the adapters, in place
     hf2 = [c.token_ids for c in HFEngine(model, tiny_tokenizer, 4).generate(prompts, params)]
@@ -457,6 +467,7 @@ def test_auto_choice_follows_free_gpu_memory(tiny_tokenizer, monkeypatch, capsys
         out = capsys.readouterr().out
         assert engine.adapter.quantized_path == want and said in out and f"{free / gib:.1f} of 4.0 GiB free" in out
         assert len(out.strip().splitlines()) == 1
+        engine.release()  # the transient path's 4-bit weights come back to the model
     monkeypatch.undo()
     monkeypatch.setattr(projections, "dequantize", lambda weight: weight.quant_state)
     engine = make_engine("auto", model, tiny_tokenizer, 2)

@@ -607,13 +607,22 @@ def test_quantized_rollouts_is_checked_before_a_model_loads(tmp_path):
         RLConfig(model="m", output=str(tmp_path / "o"), quantized_rollouts="int4")
 
 
-def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny_model, toy_file, monkeypatch):
-    """With gradient checkpointing the backward runs each layer's forward again; it must choose among
-    the attention kernels the forward chose (``sdpa_backends``: not cuDNN's), else the recomputed
-    tensors differ from the saved ones and torch's checkpoint refuses the step (seen on the 8B QLoRA
-    shape on an H200, where the update's forward ran flash attention and the recompute cuDNN's)."""
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny_model, toy_file, monkeypatch, every):
+    """With gradient checkpointing the backward runs a layer's forward again; it must choose among the
+    attention kernels the forward chose (``sdpa_backends``: not cuDNN's), else the recomputed tensors
+    differ from the saved ones and torch's checkpoint refuses the step (seen on the 8B QLoRA shape on
+    an H200: the forward ran flash attention, the recompute cuDNN's). ``checkpoint_every`` 2
+    recomputes every other layer; either way, the gradient is the one without checkpointing."""
+    from posttrain.trainers.setup import enable_checkpointing
+
     model = tiny_model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+    batch = random_rl_batch(model.config.vocab_size)
+    plain = _step_gradient(model, batch, cfg)[0]
+    layers = model.config.num_hidden_layers
+    assert enable_checkpointing(model, every) == [i % every == 0 for i in range(layers)]
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -622,9 +631,8 @@ def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
-    cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
-                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
-    _step_gradient(model, random_rl_batch(model.config.vocab_size), cfg)
-    layers = model.config.num_hidden_layers
-    assert len(calls) == 2 * 2 * layers  # two micro-batches: each layer's forward, then its recompute
+    checkpointed = _step_gradient(model, batch, cfg)[0]
+    assert len(calls) == 2 * (layers + len(range(0, layers, every)))  # two micro-batches: every forward, then the recomputes
     assert not any(calls)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name])

@@ -91,7 +91,8 @@ class FastEngine(Engine):
 
     def release(self) -> None:
         """After a rollout: with ``quantized_rollouts=transient``, free the dense copy, the KV cache and
-        the graphs for the trainer's update; the next ``generate`` builds them again."""
+        the graphs for the trainer's update, and bring the 4-bit base's weights back from host memory
+        (until then the model cannot run its own forward); the next ``generate`` builds them again."""
         if self.adapter.release():
             self.scheduler.release()
 
@@ -107,9 +108,13 @@ class FastEngine(Engine):
         if params.seed is not None:
             torch.manual_seed(params.seed)
         self.adapter.build_weights(self.scheduler.kv_bytes(prompts, params))  # first call: build the inference weights
-        for start in range(0, len(prompts), per_wave):
-            wave = prompts[start:start + per_wave]
-            out.extend(self.scheduler.wave(wave, params, start))
-            bar.update(len(wave) * g)
+        try:
+            for start in range(0, len(prompts), per_wave):
+                wave = prompts[start:start + per_wave]
+                out.extend(self.scheduler.wave(wave, params, start))
+                bar.update(len(wave) * g)
+        except BaseException:
+            self.release()  # a transient copy's 4-bit source comes back to the model, whatever stopped the rollout
+            raise
         bar.close()
         return out

@@ -456,10 +456,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _splits(n: int, hkv: int, span: int, block_n: int) -> int:
-    """Enough (row, head, split) programs to fill the GPU, but splits of at least two blocks."""
+    """Enough (row, head, split) programs to fill the GPU, but splits of at least four blocks: on an
+    H200 at Qwen2.5-0.5B's 2 KV heads and 288 tokens of context, one split beat two at 64 and 256 rows
+    (6.8 and 10.1 µs a call against 7.1 and 12.6: the merge kernel and its fp32 partials cost more than
+    the occupancy gained; bench/attn_sweep.py)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = max(-(-4 * sms // max(1, n * hkv)), ATTN["min_splits"])
-    return int(max(1, min(want, span // (2 * block_n), 16)))
+    return int(max(1, min(want, span // (4 * block_n), 16)))
 
 
 def _decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, span: int) -> torch.Tensor:

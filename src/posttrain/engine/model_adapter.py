@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from posttrain.engine import kernels
 from posttrain.engine.projections import (
+    HostOffload,
     LowRankProjection,
     MergedProjection,
     check_quantized_rollouts,
@@ -29,6 +30,7 @@ from posttrain.engine.projections import (
     compute_dtype,
     dense_copy_bytes,
     linear_parts,
+    quantized_weights,
 )
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
@@ -102,6 +104,7 @@ class ModelAdapter:
         self.quantized_rollouts = quantized_rollouts
         self.quantized_path: str | None = None  # "dequantized", "transient" or "4bit" once built, for a 4-bit base
         self.weights: list[LayerProjections] | None = None  # built at the first build_weights
+        self.offload: HostOffload | None = None  # transient: the 4-bit base's packed weights, in host memory during rollouts
         self.fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
         self.compiled = compiled  # a plain bool: read inside the traced step
         self.step, self.prefill = self.step_forward, self.prefill_forward
@@ -139,13 +142,17 @@ class ModelAdapter:
 
         self.weights = [LayerProjections(**{k: projection(mods) for k, mods in g.items()}) for g in groups]
         self.fused = self._fusable()
+        if self.quantized_path == "transient":  # the copy serves the rollout: its 4-bit source waits in host memory
+            self.offload = self.offload or HostOffload(quantized_weights([mods for g in groups for mods in g.values()]))
+            self.offload.offload()
 
     def release(self) -> bool:
-        """Free a ``transient`` dense copy until the next ``build_weights``; True when freed (captured
-        graphs point into it)."""
+        """Free a ``transient`` dense copy until the next ``build_weights`` and bring the 4-bit base's
+        weights back to the GPU; True when freed (captured graphs point into the copy)."""
         if self.quantized_path != "transient" or self.weights is None:
             return False
         self.weights = None
+        self.offload.restore(self.device)
         return True
 
     def copy_bytes(self) -> int:

@@ -187,6 +187,50 @@ class LowRankProjection:
         return moved
 
 
+class HostOffload:
+    """The packed weights of a 4-bit base in host memory while a transient dense copy serves a rollout
+    (nothing reads them then), back on the GPU before the update: on Llama-3.1-8B 3.5 GiB less at the
+    rollout's peak, for a round trip over PCIe. Host buffers are pinned (on CUDA) and kept for the
+    next rollout; the copies are ordered on the current stream like the kernels around them."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.host: list[torch.Tensor] | None = None
+        self.away = False
+
+    @torch.no_grad()
+    def offload(self) -> None:
+        if self.away:
+            return
+        if self.host is None:
+            pin = any(p.device.type == "cuda" for p in self.params)
+            self.host = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in self.params]
+        for p, h in zip(self.params, self.host):
+            h.copy_(p.data, non_blocking=True)
+            p.data = p.data.new_empty(0)  # frees the GPU copy once the stream has read it
+        self.away = True
+
+    @torch.no_grad()
+    def restore(self, device: torch.device) -> None:
+        if not self.away:
+            return
+        for p, h in zip(self.params, self.host):
+            p.data = h.to(device, non_blocking=True)
+        self.away = False
+
+
+def quantized_weights(groups: list[list]) -> list[torch.nn.Parameter]:
+    """The packed weights of the 4-bit base layers among ``groups``, each once."""
+    seen, out = set(), []
+    for modules in groups:
+        for m in modules:
+            p = linear_parts(m)
+            if p is not None and p.quantized and id(p.base.weight) not in seen:
+                seen.add(id(p.base.weight))
+                out.append(p.base.weight)
+    return out
+
+
 def dense_copy_bytes(groups: list[list], dtype: torch.dtype) -> int:
     """What the dequantized path costs over the 4-bit one: the dense copies of the groups that hold a 4-bit layer."""
     size = torch.empty((), dtype=dtype).element_size()

@@ -397,7 +397,9 @@ def train(cfg: RLConfig) -> dict:
         return engine
 
     def evaluate() -> dict:
-        return accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator)
+        result = accuracy_eval(current(engine), tokenizer, task, eval_examples, cfg.max_new_tokens, run.accelerator)
+        engine.release()  # a transient copy of a 4-bit base gives the memory and the 4-bit weights back
+        return result
 
     rollout_index = run.step // cfg.num_iterations
     while run.running():
