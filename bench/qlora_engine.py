@@ -26,7 +26,11 @@ Smoke run on a CPU (a tiny Llama, bitsandbytes' CPU kernels; needs bitsandbytes;
     python bench/qlora_engine.py --shape tiny --out /tmp/qlora_engine_tiny.json
 
 Add ``--compute-dtype fp32`` to separate rounding from logic (fp32 compute: HF and both paths should agree
-token for token).
+token for token). On a real model (``--model DIR`` with its tokenizer, ``--data-dir GSM8K``) the greedy
+prompts are the first GSM8K test questions in seed 003's chat template; ``--agreement-only`` stops after
+the agreement (no rollouts: a CPU measures it on a small real model, e.g. SmolLM2-135M-Instruct):
+
+    python bench/qlora_engine.py --model SMOLLM2_DIR --data-dir GSM8K --agreement-only --out OUT.json
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ def main():
     ap.add_argument("--compute-dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (seed 003) or fp32")
     ap.add_argument("--paths", default="4bit,dequantized", help="which of the engine's paths to measure, in order")
     ap.add_argument("--model", help="a saved model of the shape to load (bench/shapes.py writes one) instead of writing one")
+    ap.add_argument("--data-dir", help="with --model: greedy prompts from GSM8K's test split, in the config's chat template")
+    ap.add_argument("--agreement-only", action="store_true", help="measure greedy agreement only (no rollouts, no sync)")
     args = ap.parse_args()
     cfg = yaml.safe_load(CONFIG.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,9 +186,18 @@ def main():
     row["dense_copy_gib"] = round(copy / GIB, 2)
     row["auto_choice"], row["auto_notice"] = choose_quantized_path("auto", copy, compute_dtype, device)
 
-    vocab = shape["vocab_size"]
+    vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     greedy_prompts = torch.randint(3, vocab, (16, 160), generator=g).tolist()
+    if args.data_dir:
+        from posttrain.engine.models import load_tokenizer
+        from posttrain.tasks import make_task
+
+        real = load_tokenizer(args.model)
+        task = make_task(cfg["task"], prompt_style=cfg["prompt_style"], data_dir=args.data_dir)
+        questions = task.examples("test", limit=16)
+        greedy_prompts = [task.encode_prompt(ex, real) for ex in questions]
+        row["prompts"] = f"the first {len(questions)} GSM8K test questions, {cfg['prompt_style']} template"
     step_prompts = torch.randint(3, vocab, (32 // cfg["num_generations"], 180), generator=g).tolist()
     greedy = SamplingParams(max_new_tokens=64, ignore_eos=True)
     rollout = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
@@ -199,6 +214,10 @@ def main():
         got, r["first_call_s"] = timed(engine, greedy_prompts, greedy, device)  # builds the weights, captures graphs
         r["first_call_s"] = round(r["first_call_s"], 2)
         r.update(agreement(ref, got))
+        if args.agreement_only:
+            row[path] = r
+            print(json.dumps({path: r}), flush=True)
+            continue
         timed(engine, step_prompts, rollout, device)  # warm-up: the rollout's graphs
         times = [timed(engine, step_prompts, rollout, device)[1] for _ in range(3)]
         r["rollout_s"] = round(statistics.median(times), 3)
