@@ -328,7 +328,14 @@ def _counted_stand_in(tok, monkeypatch):
     from posttrain.engine import projections
 
     dequantized = []
-    monkeypatch.setattr(projections, "dequantize", lambda weight: dequantized.append(weight) or weight.quant_state)
+
+    def dequantize(weight):  # as bitsandbytes', it reads the packed bytes
+        if weight.numel() == 0:
+            raise RuntimeError("dequantized from packed weights that are not here")
+        dequantized.append(weight)
+        return weight.quant_state
+
+    monkeypatch.setattr(projections, "dequantize", dequantize)
     model = _with_lora(_quantized_stand_in(make_tiny_model(len(tok))))
     prompts, params = _prompts(tok, 4), SamplingParams(max_new_tokens=20)
     return dequantized, model, prompts, params, [c.token_ids for c in HFEngine(model, tok, 4).generate(prompts, params)]
@@ -402,6 +409,11 @@ def test_transient_copy_is_built_for_each_rollout_and_freed_for_the_update(tiny_
     assert [c.token_ids for c in engine.generate(prompts, params)] == hf2
     assert len(dequantized) == 2 * per_copy and capsys.readouterr().out == ""  # built again, said once
     assert engine.adapter.quantized_path == "transient"
+
+    _flip_adapters(model)  # back to the first adapters, and a sync before any release: the copy is rebuilt from the 4-bit weights
+    engine.sync_weights(model)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == hf
+    engine.release()
 
     kept = FastEngine(model, tiny_tokenizer, 4, quantized_rollouts="dequantized")
     kept.generate(prompts, params)

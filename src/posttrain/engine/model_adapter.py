@@ -164,7 +164,13 @@ class ModelAdapter:
         the step reads moved (captured graphs then point at the old ones)."""
         if self.weights is None:
             return False
-        return any([p.refresh() for w in self.weights for p in w.all()])
+        away = self.offload is not None and self.offload.away
+        if away:  # a transient copy refreshed before its release: it is dequantized from the 4-bit weights
+            self.offload.restore(self.device)
+        moved = any([p.refresh() for w in self.weights for p in w.all()])
+        if away:
+            self.offload.offload()
+        return moved
 
     def _fusable(self) -> bool:
         """Whether the decode step can run on the fused elementwise kernels (``_fused_step``), asked once
