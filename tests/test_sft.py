@@ -446,3 +446,24 @@ def test_max_minutes_stops_between_steps_saves_and_resume_continues(tiny_model_d
     train(_cfg(tiny_model_dir, out, max_steps=6, max_minutes=2.5, resume=True))
     state = json.loads((out / "run_state.json").read_text())
     assert state["step"] == 6 and "stopped_by_max_minutes" not in state
+
+
+def test_a_checkpointed_sft_step_recomputes_attention_on_the_forwards_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    """With gradient checkpointing the backward runs layers' forwards again: under the forward's SDPA
+    kernels (not cuDNN's), or torch's checkpoint finds recomputed tensors of other shapes on a GPU."""
+    import torch.nn.functional as F
+
+    sdpa, calls = F.scaled_dot_product_attention, []
+
+    def recorded(*args, **kwargs):
+        calls.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    counts = []
+    for name, kw in (("plain", {}), ("ckpt", {"gradient_checkpointing": True, "checkpoint_every": 2})):
+        calls.clear()
+        train(_cfg(tiny_model_dir, tmp_path / name, max_steps=1, save_steps=0, **kw))
+        assert calls and not any(calls)
+        counts.append(len(calls))
+    assert counts[1] > counts[0]  # the recomputes ran, on the same kernels
