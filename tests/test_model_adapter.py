@@ -32,18 +32,12 @@ def _logits_by_hand(adapter, model, prompts, new_tokens):
     return torch.stack(got), torch.stack(want)
 
 
-@pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("merge", [True, False])
 @torch.inference_mode()
-def test_prefill_and_steps_give_the_models_logits(tiny_tokenizer, merge, table):
-    """Both decode steps (fused kernels on merged weights, the live modules), each with the rotary
-    table ``prepare`` builds for a KV cache and with the rotary module called at each step."""
+def test_prefill_and_steps_give_the_models_logits(tiny_tokenizer, merge):
     model = make_tiny_model(len(tiny_tokenizer))
     adapter = ModelAdapter(model, merge_weights=merge)
     adapter.build_weights()
-    if table:
-        adapter.prepare(64)
-    assert (adapter.rope_table is not None) is table
     assert adapter.fused is merge  # a Llama with merged weights decodes on the fused kernels
     assert (adapter.weights is not None) is merge
     prompts = [[5, 9, 17, 3, 44, 8], [7, 7, 120], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
@@ -92,25 +86,3 @@ def test_build_weights_is_once_and_dora_keeps_the_modules(tiny_tokenizer):
     first = plain.weights
     plain.build_weights()
     assert plain.weights is first
-
-
-@torch.inference_mode()
-def test_the_rotary_table_holds_what_the_module_computes(tiny_tokenizer):
-    """``prepare``'s table is the rotary module's own output at each position, bit for bit, and it grows
-    with the cache; a rotary type whose values depend on the sequence length keeps the module."""
-    model = make_tiny_model(len(tiny_tokenizer))
-    adapter = ModelAdapter(model)
-    adapter.prepare(40)
-    rotary = model.model.rotary_emb
-    pos = torch.tensor([[0], [7], [39]])
-    h = torch.empty(3, 1, 1, dtype=adapter.dtype)
-    cos, sin = rotary(h, pos)
-    assert torch.equal(adapter.rope_table[0][pos[:, 0]], cos[:, 0]) and torch.equal(adapter.rope_table[1][pos[:, 0]], sin[:, 0])
-    adapter.prepare(16)
-    assert adapter.rope_table[0].shape[0] == 40  # a smaller cache keeps the table
-    adapter.prepare(100)
-    assert adapter.rope_table[0].shape[0] == 100
-    dynamic = ModelAdapter(make_tiny_model(len(tiny_tokenizer)))
-    dynamic.inner.rotary_emb.rope_type = "dynamic"
-    dynamic.prepare(40)
-    assert dynamic.rope_table is None

@@ -37,9 +37,6 @@ class CountingDecoder:
             cache[dest.reshape(-1), 0, :ids.shape[1], 0] = ids.float().repeat_interleave(dest.shape[1], 0)
         return self._logits((ids[:, 0] + lens) % M)
 
-    def prepare(self, max_len):
-        pass
-
     def step(self, tokens, pos, ar, caches_flat, span):
         k, v = caches_flat
         self.steps.append(len(tokens))

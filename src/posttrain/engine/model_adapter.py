@@ -34,7 +34,6 @@ from posttrain.engine.projections import (
 )
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
-STATIC_ROPE = {"default", "linear", "llama3"}  # rotary types whose cos/sin depend on the position alone
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # weight · x / rms(x), the eps in variance_epsilon
 
 
@@ -105,7 +104,6 @@ class ModelAdapter:
         self.quantized_rollouts = quantized_rollouts
         self.quantized_path: str | None = None  # "dequantized", "transient" or "4bit" once built, for a 4-bit base
         self.weights: list[LayerProjections] | None = None  # built at the first build_weights
-        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [max_len, d] (``prepare``)
         self.offload: HostOffload | None = None  # transient: the 4-bit base's packed weights, in host memory during rollouts
         self.fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
         self.compiled = compiled  # a plain bool: read inside the traced step
@@ -225,26 +223,6 @@ class ModelAdapter:
         cos, sin = self.inner.rotary_emb(h, positions)
         return cos.to(h.dtype), sin.to(h.dtype)
 
-    def prepare(self, max_len: int) -> None:
-        """The rotary embedding of positions [0, max_len) as a table a decode step indexes (two kernels
-        where the module launches nine a step): built with the module itself, whose values depend only on
-        the position for static RoPE types, so the table holds exactly what the module would compute.
-        Other types (dynamic NTK, LongRoPE: the values depend on the sequence length) keep the module."""
-        if getattr(self.inner.rotary_emb, "rope_type", None) not in STATIC_ROPE:
-            return
-        if self.rope_table is None or self.rope_table[0].shape[0] < max_len:
-            h = torch.empty((1, 1, 1), dtype=self.dtype, device=self.device)
-            with torch.no_grad():
-                cos, sin = self._rope(h, torch.arange(max_len, device=self.device)[None])
-            self.rope_table = (cos[0], sin[0])  # [max_len, d] each
-
-    def _step_rope(self, h, pos):
-        """cos, sin [n, d] of one position per row: from the table where there is one."""
-        if self.rope_table is not None:
-            return self.rope_table[0][pos], self.rope_table[1][pos]
-        cos, sin = self._rope(h[:, None], pos[:, None])  # [n, 1, d]
-        return cos[:, 0], sin[:, 0]
-
     # ---------------------------------------------------------------------------------- forwards --
     def prefill_forward(self, ids, lens, dest, caches_flat):
         """Last-position logits [p, V] (fp32) of right-padded prompts ``ids`` [p, W]; each prompt's K/V
@@ -276,7 +254,7 @@ class ModelAdapter:
             return self._fused_step(tokens, pos, ar, caches_flat, span)
         n = tokens.shape[0]
         h = self.inner.embed_tokens(tokens[:, None]).to(self.dtype)  # [n, 1, D]
-        cos, sin = (t[:, None] for t in self._step_rope(h[:, 0], pos))  # [n, 1, d]
+        cos, sin = self._rope(h, pos[:, None])
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)  # q [n, H, 1, d]
             kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
@@ -295,7 +273,8 @@ class ModelAdapter:
         SmolLM2 shape at 64 rows). Same rounding as the modules."""
         n, layers = tokens.shape[0], self.inner.layers
         h = self.inner.embed_tokens(tokens).to(self.dtype)  # [n, D]
-        cos, sin = self._step_rope(h, pos)  # [n, d]
+        cos, sin = self._rope(h[:, None], pos[:, None])  # [n, 1, d]
+        cos, sin = cos[:, 0], sin[:, 0]
         norm = layers[0].input_layernorm
         h, x = kernels.add_rms_norm(h, None, norm.weight, norm.variance_epsilon)
         for li, layer in enumerate(layers):

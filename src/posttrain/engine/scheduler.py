@@ -45,10 +45,6 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, ar: torch.Tensor, caches_flat: tuple, span: int) -> torch.Tensor:
         """Logits [n, V] for one token per row at ``pos``, its K/V written at cache rows ``ar``; no host syncs."""
 
-    def prepare(self, max_len: int) -> None:
-        """A KV cache of ``max_len`` positions was allocated: build what steps over it read (before any
-        graph of them is captured)."""
-
 
 def lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log-sum-exp of logits / T in fp32. [n, V] -> [n]"""
@@ -179,7 +175,6 @@ class Scheduler:
             self.drop_graphs()  # graphs point into the old buffers
             self.kv = KVCache.allocate(d.n_layers, rows, d.n_kv, max_len, d.head_dim, d.dtype, self.device)
             self.rows = Rows.allocate(rows, self.device)
-            d.prepare(max_len)
         return StepSpec(params, self._no_eos if params.ignore_eos else self._eos, int(self.tokenizer.pad_token_id or 0),
                         self.kv.max_len - 1)
 
