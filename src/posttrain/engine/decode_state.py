@@ -30,6 +30,11 @@ class KVCache:
         shape = (rows, kv_heads, max_len, head_dim)
         return cls(tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * layers)))
 
+    @staticmethod
+    def nbytes(layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> int:
+        """What ``allocate`` with these arguments takes, without allocating."""
+        return 2 * layers * rows * kv_heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+
     @property
     def rows(self) -> int:
         return self.flat[0].shape[0]

@@ -152,7 +152,7 @@ class ModelAdapter:
         if self.quantized_path != "transient" or self.weights is None:
             return False
         self.weights = None
-        self.offload.restore(self.device)
+        self.offload.restore()
         return True
 
     def copy_bytes(self) -> int:
@@ -166,7 +166,7 @@ class ModelAdapter:
             return False
         away = self.offload is not None and self.offload.away
         if away:  # a transient copy refreshed before its release: it is dequantized from the 4-bit weights
-            self.offload.restore(self.device)
+            self.offload.restore()
         moved = any([p.refresh() for w in self.weights for p in w.all()])
         if away:
             self.offload.offload()

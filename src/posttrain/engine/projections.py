@@ -211,11 +211,11 @@ class HostOffload:
         self.away = True
 
     @torch.no_grad()
-    def restore(self, device: torch.device) -> None:
+    def restore(self) -> None:
         if not self.away:
             return
         for p, h in zip(self.params, self.host):
-            p.data = h.to(device, non_blocking=True)
+            p.data = h.to(p.device, non_blocking=True)  # p's placeholder is still on its device
         self.away = False
 
 

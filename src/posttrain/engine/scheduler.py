@@ -165,7 +165,7 @@ class Scheduler:
         if self.kv is not None and self.kv.fits(rows, max_len):
             return 0
         d = self.decoder
-        return 2 * d.n_layers * rows * d.n_kv * max_len * d.head_dim * torch.empty((), dtype=d.dtype).element_size()
+        return KVCache.nbytes(d.n_layers, rows, d.n_kv, max_len, d.head_dim, d.dtype)
 
     def spec(self, rows: int, max_len: int, params: SamplingParams) -> StepSpec:
         """The buffers for one generation call (the KV cache and rows, reused across calls when they
