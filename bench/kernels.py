@@ -40,13 +40,57 @@ def topk_sample(logits, temperature=0.7, top_p=0.9, k=256):
     return idx.gather(-1, choice[:, None])[:, 0]
 
 
+def bookkeeping() -> list[dict]:
+    """``greedy`` and ``advance_rows`` against their references: tokens and states exactly, log-probs
+    to fp32 rounding; time per call beside the reference's (replayed from a graph)."""
+    out = []
+    for n, vocab in ((64, 151936), (256, 151936), (1319, 151936), (256, 128256)):
+        logits = (torch.randn(n, vocab, device="cuda") * 3).to(torch.bfloat16)
+        logits[0, 7] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins, as in torch.argmax
+        logits[1, vocab - 1] = logits[1].max() + 1  # the max in the last, partial chunk
+        a, la = kernels.greedy(logits)
+        b, lb = kernels.greedy_ref(logits)
+        out.append({"op": "greedy", "rows": n, "vocab": vocab, "same_tokens": int((a == b).sum()), "of": n,
+                    "logp_max_err": (la - lb).abs().max().item(), "ms_kernel": bench(lambda: kernels.greedy(logits)),
+                    "ms_ref": bench(lambda: kernels.greedy_ref(logits))})
+        print(out[-1], flush=True)
+    for n, eos in ((256, [151645, 151643]), (1319, [2]), (64, [])):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        eos_t = torch.tensor(eos, dtype=torch.long, device="cuda")
+        nxt = torch.randint(0, 4, (n,), device="cuda", generator=g)
+        if eos:
+            nxt = torch.where(nxt == 0, eos_t[0], nxt)
+        lp = torch.randn(n, device="cuda", generator=g)
+        done0 = torch.rand(n, device="cuda", generator=g) < 0.3
+        pos0 = torch.randint(0, 600, (n,), device="cuda", generator=g)
+        states = []
+        for fn in (kernels.advance_rows, kernels.advance_rows_ref):
+            done, pos, tokens = done0.clone(), pos0.clone(), torch.zeros(n, dtype=torch.long, device="cuda")
+            nout, lout = torch.zeros_like(tokens), torch.zeros(n, device="cuda")
+            fn(nxt, lp, done, tokens, pos, nout, lout, eos_t, 151643, 575)
+            states.append((done, pos, tokens, nout, lout))
+        same = all(torch.equal(x, y) for x, y in zip(*states))
+        bufs = (done0.clone(), torch.zeros(n, dtype=torch.long, device="cuda"), pos0.clone(),
+                torch.zeros(n, dtype=torch.long, device="cuda"), torch.zeros(n, device="cuda"))
+        out.append({"op": "advance_rows", "rows": n, "eos_ids": len(eos), "same_state": same,
+                    "ms_kernel": bench(lambda: kernels.advance_rows(nxt, lp, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], eos_t, 151643, 575)),
+                    "ms_ref": bench(lambda: kernels.advance_rows_ref(nxt, lp, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], eos_t, 151643, 575))})
+        print(out[-1], flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.json")
+    ap.add_argument("--only", choices=("bookkeeping",), help="only the greedy and advance_rows checks")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = [{"device": device_name(), "copy_bandwidth_TBps": bw / 1e12, "torch": torch.__version__}]
+    rows += bookkeeping()
+    if args.only:
+        emit(args.out, rows)
+        return
     hkv, g, d, cap = 8, 4, 64, 512
     for n, ctx in ((256, 310), (256, 460), (64, 310), (8, 460)):
         kc = torch.randn(n, hkv, cap, d, device="cuda", dtype=torch.bfloat16)

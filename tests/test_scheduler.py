@@ -138,26 +138,23 @@ def test_finished_rows_emit_padding_and_never_count():
 class FakeCudaGraphs:
     """CUDA's stream and graph calls as the scheduler makes them, on the CPU: a "capture" records the
     decode step it runs and a replay runs that step again on the buffers as they are then, as a real
-    graph replays its kernels. Counts the streams made and the captures."""
+    graph replays its kernels. Counts the streams made; records each capture's (rows, span)."""
 
     def __init__(self, monkeypatch, sch: Scheduler):
-        self.streams, self.captures, self.recording = 0, 0, None
+        self.streams, self.captured, self.recording = 0, [], None
         stream = type("Stream", (), {"wait_stream": lambda self, other: None})
         fakes = self
 
         class Graph:
+            def capture_begin(self, pool=None):
+                fakes.recording = self
+
+            def capture_end(self):
+                fakes.recording = None
+                fakes.captured.append(self.step[1:])
+
             def replay(self):
                 decode(*self.step)
-
-        class Capture:
-            def __init__(self, graph, pool=None):
-                self.graph = graph
-
-            def __enter__(self):
-                fakes.recording, fakes.captures = self.graph, fakes.captures + 1
-
-            def __exit__(self, *exc):
-                fakes.recording = None
 
         def new_stream():
             self.streams += 1
@@ -173,25 +170,33 @@ class FakeCudaGraphs:
         sch.use_graphs = True
         monkeypatch.setattr(sch, "decode", recorded)
         for name, fake in {"Stream": new_stream, "current_stream": stream, "stream": lambda s: contextlib.nullcontext(),
-                           "graph_pool_handle": object, "CUDAGraph": Graph, "graph": Capture}.items():
+                           "graph_pool_handle": object, "CUDAGraph": Graph}.items():
             monkeypatch.setattr(torch.cuda, name, fake)
 
 
 @torch.inference_mode()
-def test_graph_captures_give_the_same_tokens_and_warm_up_on_one_stream(monkeypatch):
+def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(monkeypatch):
     """The captured path (snapshot, warm-up, capture, restore, replay) gives the tokens of the plain
-    one, and every capture of the scheduler's life warms up on one side stream: cuBLAS keeps a workspace
+    one; a wave captures once per row bucket it runs at, each graph attending to the whole cache (the
+    attended span grows past 64 here, which cost a capture of its own when graphs were keyed by it);
+    and every capture of the scheduler's life warms up on one side stream: cuBLAS keeps a workspace
     for each stream it ran on, so a stream per capture grew the memory held by 0.16 GiB a rollout
     on the 8B shape, where each rollout captures again (issue 26)."""
     prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
-    params = SamplingParams(max_new_tokens=70, n=2)  # spans 64 then 128; compaction to smaller row buckets
+    params = SamplingParams(max_new_tokens=70, n=2)  # the plain path's span goes 64 -> 128; compaction to smaller row buckets
     want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
     sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
     cuda = FakeCudaGraphs(monkeypatch, sch)
+    steps = []
+    monkeypatch.setattr(sch.decoder, "step", lambda tokens, *a, f=sch.decoder.step: steps.append(len(tokens)) or f(tokens, *a))
     for _ in range(2):  # the second call captures again after the graphs are dropped, as after a transient release
+        cuda.captured.clear()
         assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
+        rows = sorted({n for n, _ in cuda.captured})
+        assert [n for n, _ in sorted(cuda.captured)] == rows == sorted(set(steps)) and len(rows) >= 3
+        assert {span for _, span in cuda.captured} == {sch.kv.max_len} and sch.kv.max_len > 64
         sch.release()
-    assert cuda.captures >= 6 and cuda.streams == 1
+    assert sch.captures == 2 * len(rows) and cuda.streams == 1
 
 
 @torch.inference_mode()

@@ -9,7 +9,8 @@ through Python, so small decode steps are launch-bound. This engine:
   repeat of K/V): on CUDA a Triton flash-decoding kernel that reads each row's own length only
   (``kernels.decode_attention``), elsewhere PyTorch's SDPA with ``enable_gqa``;
 * on CUDA, captures the whole decode step — projections, attention, sampling — as a CUDA graph,
-  one per (row bucket, attended-length bucket), so a step is one graph launch;
+  one per row bucket (attention reads each row's own length, so a graph serves every length), so a
+  step is one graph launch;
 * samples (greedy, temperature, top-p) on the device with no host synchronisation per step and no
   sort of the vocabulary (``kernels.sample``: inverse-CDF candidates, rejection outside the
   nucleus); the host looks at the finished flags only every ``sync_every`` steps;
@@ -75,7 +76,7 @@ class FastEngine(Engine):
         self.eos = sorted(eos_token_ids(model, tokenizer))
         use_graphs = (device.type == "cuda") if use_cuda_graphs is None else use_cuda_graphs
         self.scheduler = Scheduler(self.adapter, tokenizer, self.eos, batch_size, use_graphs=use_graphs, sync_every=sync_every,
-                                   prefill_tokens=prefill_tokens, compiled=self.compiled, on_first_token=self._first_token)
+                                   prefill_tokens=prefill_tokens, on_first_token=self._first_token)
 
     def _first_token(self, first: torch.Tensor) -> None:
         if self.first_token_s is None:  # one host sync in the engine's life, to time the first token

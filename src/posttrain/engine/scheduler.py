@@ -4,9 +4,12 @@
   prefilled once, in chunks of bounded padded size, and its cache written into the G rows of its group.
 * The KV cache ``[rows, kv_heads, max_len, head_dim]`` per layer is pre-allocated and reused across
   calls while it fits (``decode_state.KVCache``).
-* Decode steps run on ``row buckets`` (1, 2, 4, …) and attended lengths rounded up to ``SPAN_STEP``;
-  on CUDA each (rows, span, sampling) is captured once as a CUDA graph — projections, attention,
-  sampling — so a step is one graph launch.
+* Decode steps run on ``row buckets`` (1, 2, 4, …); on CUDA each (rows, sampling) is captured once as
+  a CUDA graph — projections, attention, sampling — so a step is one graph launch. A graph attends to
+  the whole cache span: its attention kernel reads each row's own length only, so one graph serves
+  a wave's every step at that many rows (a graph per attended-length bucket as well cost a capture
+  every ``SPAN_STEP`` tokens at each row count). Without graphs (CPU) the attended span is rounded up to
+  ``SPAN_STEP`` from the longest live row, since the reference attention reads all of it.
 * Sampling (greedy, temperature, top-p) happens on the device with no host synchronisation per step
   (``kernels.sample``); the host looks at the finished flags only every ``sync_every`` steps, where it
   also checks stop strings and compacts the batch: live rows move to the front and a smaller graph
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Protocol
 
 import torch
@@ -46,11 +50,6 @@ class Decoder(Protocol):
         """Logits [n, V] for one token per row at ``pos``, its K/V written at cache rows ``ar``; no host syncs."""
 
 
-def lse(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log-sum-exp of logits / T in fp32. [n, V] -> [n]"""
-    return torch.logsumexp(logits.float() / temperature, dim=-1)
-
-
 def rows_bucket(n: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= n), n)
 
@@ -60,7 +59,7 @@ class Scheduler:
     per-row state and the captured graphs, which outlive a call."""
 
     def __init__(self, decoder: Decoder, tokenizer, eos: list[int], batch_size: int, *, use_graphs: bool, sync_every: int = 8,
-                 prefill_tokens: int = 16384, compiled: bool = False, on_first_token: Callable[[torch.Tensor], None] | None = None):
+                 prefill_tokens: int = 16384, on_first_token: Callable[[torch.Tensor], None] | None = None):
         self.decoder, self.tokenizer = decoder, tokenizer
         self.device = decoder.device
         self.batch_size = max(1, batch_size)
@@ -77,7 +76,7 @@ class Scheduler:
         # Persistent tensors: captured graphs keep pointers to them.
         self._eos = torch.tensor(self.eos, dtype=torch.long, device=self.device)
         self._no_eos = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._lse = torch.compile(lse, dynamic=True) if compiled else lse
+        self.captures, self.capture_s = 0, 0.0  # CUDA graphs captured in this scheduler's life, and the host time they took
 
     def drop_graphs(self) -> None:
         """Forget captured graphs; later captures go to a fresh memory pool (the old one is released
@@ -97,9 +96,7 @@ class Scheduler:
         ``logits`` may be bf16: the argmax is exact on them (bf16 -> fp32 is exact) and the
         log-sum-exp accumulates in fp32."""
         if p.greedy:
-            tok = logits.argmax(-1)
-            lp = logits.gather(-1, tok[:, None])[:, 0].float() - self._lse(logits, 1.0)
-            return tok, lp
+            return kernels.greedy(logits)
         return kernels.sample(logits, p.temperature, p.top_p)
 
     def decode(self, spec: StepSpec, n: int, span: int) -> None:
@@ -109,43 +106,52 @@ class Scheduler:
         tokens, pos = r.tokens[:n], r.pos[:n]
         logits = self.decoder.step(tokens, pos, r.arange[:n], self.kv.flat, span)
         nxt, lp = self.sample(logits, spec.params)
-        done = r.done[:n]
-        nxt = torch.where(done, torch.full_like(nxt, spec.pad), nxt)
-        r.next[:n] = nxt
-        r.logp[:n] = torch.where(done, torch.zeros_like(lp), lp)
-        if spec.eos.numel():
-            done |= (nxt[:, None] == spec.eos[None]).any(-1)
-        tokens.copy_(nxt)
-        pos.add_(1).clamp_(max=spec.max_pos)
+        kernels.advance_rows(nxt, lp, r.done[:n], tokens, pos, r.next[:n], r.logp[:n], spec.eos, spec.pad, spec.max_pos)
 
     def step(self, spec: StepSpec, n: int, span: int) -> None:
-        """``decode``, on CUDA as the replay of a graph captured once per (rows, span, sampling)."""
+        """``decode``, on CUDA as the replay of a graph captured once per (rows, sampling), which
+        attends to the whole cache (``span`` is for the plain path)."""
         if not self.use_graphs:
             self.decode(spec, n, span)
             return
-        key = (n, span, spec.graph_key)
+        key = (n, spec.graph_key)
         graph = self._graphs.get(key)
         if graph is None:
-            # Warm up on a side stream, then capture. Capture runs the step, so undo its effects:
-            # snapshot the state it mutates and restore it before the real (replayed) step.
-            # One side stream for the scheduler's life: cuBLAS keeps a workspace (32 MiB on Hopper) for
-            # each stream it has run on, for the process's life, so a new stream per capture grew the
-            # memory held by 0.16 GiB a rollout wherever graphs are captured again (issue 26).
-            snap = self.rows.snapshot(n)
-            if self._warmup is None:
-                self._warmup = torch.cuda.Stream()
-            s = self._warmup
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self.decode(spec, n, span)
-                self.rows.restore(snap, n)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self.decode(spec, n, span)
-            self.rows.restore(snap, n)
+            graph = self._capture(spec, n)
             self._graphs[key] = graph
         graph.replay()
+
+    def _capture(self, spec: StepSpec, n: int):
+        """A CUDA graph of ``decode`` over rows [0, n), attending to the whole cache.
+
+        Warm up on a side stream, then capture. The state a step mutates is snapshot and restored
+        around the warm-up, which runs the step. One side
+        stream for the scheduler's life: cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it
+        has run on, for the process's life, so a new stream per capture grew the memory held by 0.16 GiB
+        a rollout wherever graphs are captured again (issue 26). ``capture_begin``/``capture_end``, not
+        the ``torch.cuda.graph`` context: that one synchronises the device and empties the allocator's
+        caches (device and pinned host) at each capture, which a capture in the middle of a wave does not need."""
+        t = time.perf_counter()
+        span = self.kv.max_len
+        snap = self.rows.snapshot(n)
+        if self._warmup is None:
+            self._warmup = torch.cuda.Stream()
+        s = self._warmup
+        s.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s):
+            self.decode(spec, n, span)
+            self.rows.restore(snap, n)
+            graph.capture_begin(pool=self._pool)
+            try:
+                self.decode(spec, n, span)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(s)
+        self.rows.restore(snap, n)  # (a capture records without running; CPU stand-ins in the tests run it)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t
+        return graph
 
     # ------------------------------------------------------------------------------------ a wave --
     def shape(self, n_rows: int, longest: int, params: SamplingParams) -> tuple[int, int]:
@@ -208,7 +214,7 @@ class Scheduler:
         wave = Wave.start(first, first_lp, lens, steps, longest)
         while wave.t < steps:
             n_b = rows_bucket(wave.n_live) if self.use_graphs else wave.n_live
-            span = min(max_len, int(math.ceil((wave.longest_live + wave.t + 1) / SPAN_STEP) * SPAN_STEP))
+            span = self.kv.max_len if self.use_graphs else min(max_len, int(math.ceil((wave.longest_live + wave.t + 1) / SPAN_STEP) * SPAN_STEP))
             for _ in range(min(self.sync_every, steps - wave.t)):
                 self.step(spec, n_b, span)
                 wave.record(self.rows)
