@@ -52,6 +52,7 @@ NUM_CANDIDATES = 8  # top-p candidates per row and round
 ROUNDS = 4  # rounds of candidates before falling back to the most likely token
 # Launch settings, chosen with bench/kernels.py on an H200 (it sweeps them).
 ATTN = {"block_n": 64, "num_warps": 2, "num_stages": 2, "min_splits": 1}
+MAX_SPLITS = 16
 SAMPLE = {"block": 4096, "num_warps": 8, "chunk": 2048, "chunk_warps": 2}
 
 
@@ -184,11 +185,14 @@ def sample_ref(logits: torch.Tensor, temperature: float, top_p: float, uniforms:
 # ---------------------------------------------------------------------------------- kernels --
 if triton is not None:
 
-    @triton.jit
+    # The split count is a run-time argument, never specialised on (Triton compiles a variant for each
+    # value of a constexpr, and for an int argument equal to 1): one compiled kernel serves every row
+    # count and cache length, where each new split count cost a compile on a fresh machine (0.2-0.5 s).
+    @triton.jit(do_not_specialize=["SPLITS"])
     def _attn_split_kernel(Q, K, V, Lens, Out, MidO, MidL, scale,
-                           s_qn, s_qh, s_kn, s_kh, s_kt, s_vn, s_vh, s_vt, s_on, s_oh, s_mn, s_mh, s_ms, s_ln, s_lh,
+                           s_qn, s_qh, s_kn, s_kh, s_kt, s_vn, s_vh, s_vt, s_on, s_oh, s_mn, s_mh, s_ms, s_ln, s_lh, SPLITS,
                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                           IEEE: tl.constexpr):
         row, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(Lens + row).to(tl.int32)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
@@ -234,9 +238,9 @@ if triton is not None:
             tl.store(MidO + row * s_mn + heads[:, None] * s_mh + split * s_ms + d[None, :], o, mask=gmask[:, None])
             tl.store(MidL + row * s_ln + heads * s_lh + split, lse, mask=gmask)
 
-    @triton.jit
-    def _attn_merge_kernel(MidO, MidL, Out, s_mn, s_mh, s_ms, s_ln, s_lh, s_on, s_oh,
-                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+    @triton.jit(do_not_specialize=["SPLITS"])
+    def _attn_merge_kernel(MidO, MidL, Out, s_mn, s_mh, s_ms, s_ln, s_lh, s_on, s_oh, SPLITS,
+                           BLOCK_S: tl.constexpr, D: tl.constexpr):
         row, h = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
@@ -414,7 +418,7 @@ if triton is not None:
         tl.store(Tok + row, tok.to(tl.int64))
         tl.store(Logp + row, -tl.log(tl.sum(s * tl.exp(m - mx), 0)))  # x[tok] - lse, x[tok] = mx
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _advance_rows_kernel(Nxt, Lp, Done, Tokens, Pos, NextOut, LogpOut, Eos, n, pad, max_pos,
                              E: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -556,7 +560,7 @@ def _splits(n: int, hkv: int, span: int, block_n: int) -> int:
     the occupancy gained; bench/attn_sweep.py)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = max(-(-4 * sms // max(1, n * hkv)), ATTN["min_splits"])
-    return int(max(1, min(want, span // (4 * block_n), 16)))
+    return int(max(1, min(want, span // (4 * block_n), MAX_SPLITS)))
 
 
 def _decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, span: int) -> torch.Tensor:
@@ -573,12 +577,12 @@ def _decode_attention_triton(q, k_cache, v_cache, lengths, scale: float, span: i
     _attn_split_kernel[(n, hkv, splits)](
         q, k_cache, v_cache, lengths, out, mid_o, mid_l, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), *ms, *ls,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n, SPLITS=splits,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), *ms, *ls, splits,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, num_warps=ATTN["num_warps"], num_stages=ATTN["num_stages"])
     if splits > 1:
-        _attn_merge_kernel[(n, h)](mid_o, mid_l, out, *ms, *ls, out.stride(0), out.stride(1),
-                                   SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), D=d, num_warps=1)
+        _attn_merge_kernel[(n, h)](mid_o, mid_l, out, *ms, *ls, out.stride(0), out.stride(1), splits,
+                                   BLOCK_S=MAX_SPLITS, D=d, num_warps=1)
     return out
 
 
@@ -587,7 +591,11 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float, span: int | Non
     ``span`` bounds the lengths (it sizes the splits, and what the reference reads); default: the cache length."""
     if not triton_ready(q.device):
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale, span)
-    return torch.ops.posttrain.decode_attention(q, k_cache, v_cache, lengths, float(scale), int(span or k_cache.shape[2]))
+    span = int(span or k_cache.shape[2])
+    if torch.compiler.is_compiling():  # an opaque op to torch.compile; a direct call otherwise (the custom op's
+        # dispatch cost ~0.2 ms of host time a call: 5 ms a step on 24 layers, paid at every graph capture)
+        return torch.ops.posttrain.decode_attention(q, k_cache, v_cache, lengths, float(scale), span)
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, float(scale), span)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None = None):

@@ -161,12 +161,10 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
         kwargs["quantization_config"] = quantization_config
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    # Quantizing now, or saved quantized (e.g. posttrain merge --quantize-4bit): bitsandbytes places it at load
-    # time. Any other model goes to a GPU as it loads too, not through a whole copy in host memory first
-    # (a GGUF file is dequantized on the CPU, then moved).
-    placed_at_load = quantization_config is not None or _prequantized(src.path) or (dev.type == "cuda" and not src.gguf_file)
+    # Quantizing now, or saved quantized (e.g. posttrain merge --quantize-4bit): bitsandbytes places it at load time.
+    placed_at_load = quantization_config is not None or _prequantized(src.path)
     if placed_at_load:
-        kwargs["device_map"] = {"": dev.index if dev.index is not None else torch.cuda.current_device()} if dev.type == "cuda" else None
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else None
     try:
         with _without_load_report():
             model, info = AutoModelForCausalLM.from_pretrained(src.path, output_loading_info=True, **kwargs)

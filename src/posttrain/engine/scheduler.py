@@ -205,7 +205,10 @@ class Scheduler:
         cap_rows, max_len = self.shape(n_rows, longest, params)
         spec = self.spec(cap_rows, max_len, params)
         last_logits = self.prefill(prompts, torch.arange(n_rows, device=self.device).view(len(prompts), g))  # [P, V]
-        first, first_lp = self.sample(last_logits.repeat_interleave(g, 0), params)
+        last_logits = last_logits.repeat_interleave(g, 0)
+        # Greedy first tokens in plain PyTorch: the Triton kernel would compile a variant for these fp32
+        # logits (the steps' are bf16), which the first token would wait for (up to 2 s on a fresh machine).
+        first, first_lp = kernels.greedy_ref(last_logits) if params.greedy else self.sample(last_logits, params)
         if self.on_first_token is not None:
             self.on_first_token(first)
         lens = torch.tensor([len(p) for p in prompts], device=self.device).repeat_interleave(g)
