@@ -136,7 +136,7 @@ _RULES = tuple((cat, re.compile(pattern, re.IGNORECASE)) for cat, pattern in (
     ("attention", r"attn|attention|flash|fmha|sdpa|scaled_dot_product"),
     ("optimizer", r"adam|multi_tensor_apply|foreach|LpNorm|vector_norm"),
     ("projections", r"gemm|gemv|nvjet|xmma|cublas|splitK|dot_kernel|^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$"),
-    ("sampling_bookkeeping", r"_sample|sort|topk|argmax|ArgMax|MaxOps|MinOps|logsumexp|softmax|cross_entropy|nll_loss"
+    ("sampling_bookkeeping", r"_sample|_greedy|_advance_rows|sort|topk|argmax|ArgMax|MaxOps|MinOps|logsumexp|softmax|cross_entropy|nll_loss"
                              r"|index|scatter|gather|where|Compare|Bitwise|arange|fill|cumsum|scan|masked_fill|nonzero"
                              r"|embedding|multinomial|exponential|uniform|distribution|clamp"
                              r"|^aten::(eq|ne|lt|gt|le|ge|any|all|max|min|zeros|full|rand|empty|bernoulli)_?$"),
