@@ -183,20 +183,23 @@ def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(m
     for each stream it ran on, so a stream per capture grew the memory held by 0.16 GiB a rollout
     on the 8B shape, where each rollout captures again (issue 26)."""
     prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
-    params = SamplingParams(max_new_tokens=70, n=2)  # the plain path's span goes 64 -> 128; compaction to smaller row buckets
-    want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
-    sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
-    cuda = FakeCudaGraphs(monkeypatch, sch)
-    steps = []
-    monkeypatch.setattr(sch.decoder, "step", lambda tokens, *a, f=sch.decoder.step: steps.append(len(tokens)) or f(tokens, *a))
-    for _ in range(2):  # the second call captures again after the graphs are dropped, as after a transient release
-        cuda.captured.clear()
-        assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
-        rows = sorted({n for n, _ in cuda.captured})
-        assert [n for n, _ in sorted(cuda.captured)] == rows == sorted(set(steps)) and len(rows) >= 3
-        assert {span for _, span in cuda.captured} == {sch.kv.max_len} and sch.kv.max_len > 64
-        sch.release()
-    assert sch.captures == 2 * len(rows) and cuda.streams == 1
+    eos_stops = SamplingParams(max_new_tokens=70, n=2)  # rows finish at EOS: compaction to smaller row buckets
+    long = SamplingParams(max_new_tokens=70, n=2, ignore_eos=True)  # every row runs 70 steps: the plain path's span goes 64 -> 128
+    for params in (eos_stops, long):
+        want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
+        assert max(map(len, want)) == (70 if params is long else 26)
+        sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
+        cuda = FakeCudaGraphs(monkeypatch, sch)
+        steps = []
+        monkeypatch.setattr(sch.decoder, "step", lambda tokens, *a, f=sch.decoder.step, steps=steps: steps.append(len(tokens)) or f(tokens, *a))
+        for _ in range(2):  # the second call captures again after the graphs are dropped, as after a transient release
+            cuda.captured.clear()
+            assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
+            rows = sorted({n for n, _ in cuda.captured})
+            assert [n for n, _ in sorted(cuda.captured)] == rows == sorted(set(steps))
+            assert {span for _, span in cuda.captured} == {sch.kv.max_len} and sch.kv.max_len > 64
+            sch.release()
+        assert len(rows) == (1 if params is long else 3) and sch.captures == 2 * len(rows) and cuda.streams == 1
 
 
 @torch.inference_mode()

@@ -186,8 +186,9 @@ def sample_ref(logits: torch.Tensor, temperature: float, top_p: float, uniforms:
 if triton is not None:
 
     # The split count is a run-time argument, never specialised on (Triton compiles a variant for each
-    # value of a constexpr, and for an int argument equal to 1): one compiled kernel serves every row
-    # count and cache length, where each new split count cost a compile on a fresh machine (0.2-0.5 s).
+    # value of a constexpr, and for an int argument equal to 1): a new split count no longer costs a
+    # compile on a fresh machine (0.2-0.5 s). One split (no fp32 partials) and a split count that is a
+    # multiple of 16 (the partials' strides) still get variants of their own.
     @triton.jit(do_not_specialize=["SPLITS"])
     def _attn_split_kernel(Q, K, V, Lens, Out, MidO, MidL, scale,
                            s_qn, s_qh, s_kn, s_kh, s_kt, s_vn, s_vh, s_vt, s_on, s_oh, s_mn, s_mh, s_ms, s_ln, s_lh, SPLITS,

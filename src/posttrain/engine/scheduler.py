@@ -145,8 +145,13 @@ class Scheduler:
             graph.capture_begin(pool=self._pool)
             try:
                 self.decode(spec, n, span)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:  # end the broken capture; the step's own error is the one to report
+                    graph.capture_end()
+                except Exception:
+                    pass
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(s)
         self.rows.restore(snap, n)  # (a capture records without running; CPU stand-ins in the tests run it)
         self.captures += 1
