@@ -636,3 +636,40 @@ def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny
     assert not any(calls)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name])
+
+
+
+def _adamw_steps(dtype, init: torch.Tensor, lr: float, steps: int = 10):
+    """A bias-free Linear with weights ``init`` in ``dtype``: (what ``rounded_away`` and
+    ``warn_rounded_away`` find at ``lr``, the weights before, which weights AdamW steps changed)."""
+    from posttrain.trainers.setup import rounded_away, warn_rounded_away
+
+    layer = torch.nn.Linear(*init.shape, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(init.to(dtype))
+    before = layer.weight.detach().clone()
+    said = []
+    found = rounded_away(layer, lr)
+    warn_rounded_away(layer, lr, said.append)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        layer.weight.grad = torch.randn_like(layer.weight)
+        opt.step()
+    return found, said, before, layer.weight.detach() != before
+
+
+def test_bf16_weights_that_a_small_learning_rate_cannot_move_are_found_and_said():
+    """Full fine-tuning on bf16 weights at lr 2e-6: an AdamW step rounds away on every weight
+    ``rounded_away`` counts (96% of N(0, 0.02) weights), which the trainers say in one line before
+    training; fp32 weights take the same steps, and nothing is said for them, nor for a step bf16 can take."""
+    torch.manual_seed(0)
+    init = torch.randn(400, 400) * 0.02
+    found, said, before, changed = _adamw_steps(torch.bfloat16, init, 2e-6)
+    assert found[1] is torch.bfloat16 and 0.9 < found[0] < 1.0
+    assert not changed[before.abs() > 4 * 2e-6 / torch.finfo(torch.bfloat16).eps].any()  # every weight counted stayed as it was
+    assert changed.float().mean() < 0.1
+    assert len(said) == 1 and "96% of the trainable weights are bf16" in said[0] and "--dtype fp32" in said[0]
+    found, said, _, changed = _adamw_steps(torch.float32, init, 2e-6)
+    assert found is None and said == [] and changed.float().mean() > 0.99
+    found, said, _, _ = _adamw_steps(torch.bfloat16, init, 1e-3, steps=1)
+    assert found[0] < 0.5 and said == []

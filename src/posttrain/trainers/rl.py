@@ -37,7 +37,16 @@ from posttrain.tasks.rewards import compute_rewards, parse_reward
 from posttrain.trainers.data import data_splits, epoch_indices
 from posttrain.trainers.logprobs import reference_logprobs, sequence_logprobs
 from posttrain.trainers.run import TrainingRun
-from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, load_reference, warmup_steps_for
+from posttrain.trainers.setup import (
+    TrainerOptions,
+    build_optimizer,
+    build_scheduler,
+    count_parameters,
+    load_policy,
+    load_reference,
+    warmup_steps_for,
+    warn_rounded_away,
+)
 from posttrain.utils import padded_chunks, seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
@@ -376,6 +385,7 @@ def train(cfg: RLConfig) -> dict:
     run.log(f"rl: {cfg.algo} on {cfg.model} ({cfg.method}, {trainable:,}/{total:,} trainable); "
             f"rewards {', '.join(f'{r.name}×{r.weight:g}' for r in reward_fns)}; {len(examples)} prompts")
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    warn_rounded_away(model, cfg.learning_rate, run.log)
     warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, cfg.max_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, cfg.max_steps, {"resolved": cfg.spec})

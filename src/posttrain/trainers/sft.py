@@ -25,7 +25,7 @@ from posttrain.losses.sft import IGNORE_INDEX, masked_nll_sum
 from posttrain.tasks import Task, make_task
 from posttrain.trainers.data import data_splits, epoch_indices
 from posttrain.trainers.run import TrainingRun
-from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, warmup_steps_for
+from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, warmup_steps_for, warn_rounded_away
 from posttrain.utils import seed_everything
 
 TRUNCATION = ("prompt_left", "drop", "left")
@@ -226,6 +226,7 @@ def train(cfg: SFTConfig) -> dict:
     steps_per_epoch = max(1, len(train_data) // (per_step * run.world))
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    warn_rounded_away(model, cfg.learning_rate, run.log)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, total_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler, total_steps, {"data_stats": stats, "total_steps": total_steps})
