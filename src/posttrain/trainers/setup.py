@@ -112,7 +112,7 @@ def rounded_away(model, lr: float) -> tuple[float, torch.dtype] | None:
         return None
     dtype = params[0].dtype
     bound = 4 * lr / torch.finfo(dtype).eps
-    kept = sum(int((p.abs() > bound).sum()) for p in params)
+    kept = sum(int((piece.abs() > bound).sum()) for p in params for piece in p.detach().reshape(-1).split(1 << 24))  # bounded temporaries
     return kept / sum(p.numel() for p in params), dtype
 
 
