@@ -65,9 +65,14 @@ print("INPROC " + json.dumps(runs))
 '''
 
 
+def code_env(code: Path, triton_cache: Path) -> dict:
+    """This process's environment with source tree ``code`` first on the path and its own Triton cache."""
+    path = [str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRITON_CACHE_DIR": str(triton_cache)}
+
+
 def cli_eval(code: Path, model: str, data_dir: str, out: Path, triton_cache: Path, limit: int, new: int, batch: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-           "TRITON_CACHE_DIR": str(triton_cache)}
+    env = code_env(code, triton_cache)
     cmd = [sys.executable, "-m", "posttrain", "eval", "--model", model, "--task", "gsm8k", "--data-dir", data_dir,
            "--prompt-style", "chat", "--max-new-tokens", str(new), "--batch-size", str(batch), "--output", str(out),
            "--show-samples", "0"] + (["--limit", str(limit)] if limit else [])
@@ -121,10 +126,8 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
         if not args.no_inproc:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-                   "TRITON_CACHE_DIR": str(cache)}
             r = subprocess.run([sys.executable, "-c", INPROC, args.model, args.data_dir, str(args.limit), str(args.max_new_tokens),
-                                str(args.batch_size)], cwd=ROOT, env=env, capture_output=True, text=True)
+                                str(args.batch_size)], cwd=ROOT, env=code_env(code, cache), capture_output=True, text=True)
             line = next((x for x in r.stdout.splitlines() if x.startswith("INPROC ")), None)
             row = {"code": str(code), "run": "in_process_twice", "rc": r.returncode,
                    **({"evaluations": json.loads(line[7:])} if line else {"stderr": r.stderr[-2000:]})}
