@@ -16,6 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, emit  # noqa: E402
 from posttrain.engine import kernels  # noqa: E402
+from posttrain.losses import logprob_kernels as lk  # noqa: E402
 
 
 def bench(fn, reps=50):
@@ -79,18 +80,47 @@ def bookkeeping() -> list[dict]:
     return out
 
 
+def logprobs() -> list[dict]:
+    """The RL update's ``token_stats`` and ``token_logits_grad`` against their references on chunks
+    of bf16 logits the update projects (C positions of a 152k / 128k vocabulary): log-sum-exp, log-prob
+    and entropy to fp32 rounding, the bf16 gradient to one bf16 rounding step; time per call."""
+    out = []
+    for c, vocab in ((220, 151936), (880, 151936), (261, 128256), (7, 151936)):
+        x = (torch.randn(c, vocab, device="cuda") * 3).to(torch.bfloat16)
+        tok = torch.randint(0, vocab, (c,), device="cuda")
+        tok[0] = vocab - 1  # a token in the last, partial block
+        g = torch.randn(c, device="cuda")
+        ours, ref = lk.token_stats(x, tok), lk.token_stats_ref(x, tok)
+        grad_ref = lk.token_logits_grad_ref(x, ref[0], tok, g)
+        grad = lk.token_logits_grad(x.clone(), ours[0], tok, g)
+        out.append({"op": "token_logprobs", "rows": c, "vocab": vocab,
+                    **{f"{k}_max_err": (a - b).abs().max().item() for k, a, b in zip(("lse", "logp", "entropy"), ours, ref)},
+                    "grad_max_err": (grad.float() - grad_ref.float()).abs().max().item(),
+                    "grad_max_abs": grad_ref.float().abs().max().item(),
+                    "ms_stats": bench(lambda: lk.token_stats(x, tok)), "ms_stats_ref": bench(lambda: lk.token_stats_ref(x, tok)),
+                    "ms_grad": bench(lambda: lk.token_logits_grad(x, ours[0], tok, g)),
+                    "ms_grad_ref": bench(lambda: lk.token_logits_grad_ref(x, ref[0], tok, g))})
+        print(out[-1], flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.json")
-    ap.add_argument("--only", choices=("bookkeeping",), help="only the greedy and advance_rows checks")
+    ap.add_argument("--only", choices=("bookkeeping", "logprobs"), help="only the greedy and advance_rows checks, or only the "
+                    "RL update's log-prob kernels")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = [{"device": device_name(), "copy_bandwidth_TBps": bw / 1e12, "torch": torch.__version__}]
+    if args.only == "logprobs":
+        emit(args.out, rows + logprobs())
+        return
     rows += bookkeeping()
     if args.only:
         emit(args.out, rows)
         return
+    rows += logprobs()
     hkv, g, d, cap = 8, 4, 64, 512
     for n, ctx in ((256, 310), (256, 460), (64, 310), (8, 460)):
         kc = torch.randn(n, hkv, cap, d, device="cuda", dtype=torch.bfloat16)

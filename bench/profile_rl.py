@@ -36,6 +36,9 @@ def main():
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--profile-step", type=int, default=4, help="the step the PyTorch profiler records (0: none)")
+    ap.add_argument("--part", choices=PARTS, help="profile only this part of the profiled step (default: the whole step)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="an experiment: torch.compile each decoder layer (dynamic shapes) before the first update")
     ap.add_argument("--set", nargs="*", default=[], help="extra config options KEY=VALUE (YAML values)")
     ap.add_argument("--out", default=f"bench/results/profile_rl_{datetime.date.today()}.json")
     args = ap.parse_args()
@@ -48,23 +51,47 @@ def main():
     cfg = build_config(rl.RLConfig, values, args.config)
     step_parts: list[dict] = []
     current: dict = defaultdict(float)
+    steps_done = {"n": 0}
     for name in PARTS:  # the loop calls these by their module-level names
         fn = getattr(rl, name)
 
         def timed_part(*a, _fn=fn, _name=name, **k):
+            profiled = prof is not None and args.part == _name and steps_done["n"] == args.profile_step - 1
+            if profiled:
+                prof.start()
             out, seconds = timed(_fn, *a, **k)
+            if profiled:
+                sync()
+                prof.stop()
             current[_name] += seconds
             return out
 
         setattr(rl, name, timed_part)
 
+    if args.compile_layers:
+        plain_update = rl.update
+
+        def compiled_update(model, *a, **k):
+            if not getattr(compiled_update, "done", False):
+                for name, mod in model.named_modules():
+                    if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers"):
+                        for layer in mod:
+                            layer.compile(dynamic=True)
+                compiled_update.done = True
+            return plain_update(model, *a, **k)
+
+        rl.update = compiled_update
+
     prof = None
     if args.profile_step and torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                       schedule=schedule(wait=args.profile_step - 1, warmup=0, active=1, repeat=1))
-        prof.start()
+        if args.part:  # started and stopped around that part's call in the profiled step
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        else:
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                           schedule=schedule(wait=args.profile_step - 1, warmup=0, active=1, repeat=1))
+            prof.start()
     end_step = run.TrainingRun.end_step
     last = {"t": None}
 
@@ -83,7 +110,8 @@ def main():
         current.clear()
         last["t"] = now
         end_step(self, metrics, postfix)
-        if prof is not None:
+        steps_done["n"] += 1
+        if prof is not None and not args.part:
             prof.step()
 
     run.TrainingRun.end_step = timed_end
@@ -91,11 +119,12 @@ def main():
     result = {"date": str(datetime.date.today()), "torch": torch.__version__, "config": args.config, "overrides": overrides,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": step_parts}
     if prof is not None:
-        prof.stop()
+        if not args.part:
+            prof.stop()
         events = prof.key_averages()
         # The step's own annotation (ProfilerStep#N) is a CUDA-side event spanning the whole step: not a kernel.
         kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("ProfilerStep")]
-        result["profiled_step"] = args.profile_step
+        result["profiled_step"], result["profiled_part"] = args.profile_step, args.part or "whole step"
         result["device_time"] = device_time(prof)  # kernel time by category, busy time, launches (bench/common.py)
         result["cuda_kernels_launched"] = sum(e.count for e in kernels)
         result["cuda_time_s"] = round(sum(e.self_device_time_total for e in kernels) / 1e6, 4)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from posttrain.losses.logprob_kernels import token_logits_grad, token_logits_grad_ref, token_stats, token_stats_ref
+
 # ------------------------------------------------------------------------------------ advantages --
 # Each takes rewards grouped as [num_groups, group_size] and returns advantages of the same shape.
 
@@ -201,7 +203,7 @@ class _TokenLogp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, tok: torch.Tensor):
-        lse, logp, entropy = _logp_entropy(x.float(), tok)
+        lse, logp, entropy = token_stats_ref(x, tok)
         ctx.save_for_backward(x, tok, lse)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -209,21 +211,7 @@ class _TokenLogp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor, grad_entropy: torch.Tensor):
         x, tok, lse = ctx.saved_tensors
-        return _logits_grad(x.float(), lse, tok, grad_logp).to(x.dtype), None
-
-
-def _logp_entropy(x32: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-sum-exp, log softmax(x)[tok], entropy of softmax(x)) of fp32 logits x [N, S, V]."""
-    lse = torch.logsumexp(x32, -1)  # [N, S]
-    logp = x32.gather(-1, tok[..., None]).squeeze(-1) - lse
-    entropy = lse - (torch.exp(x32 - lse[..., None]) * x32).sum(-1)
-    return lse, logp, entropy
-
-
-def _logits_grad(x32: torch.Tensor, lse: torch.Tensor, tok: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
-    """d(Σ g · logp)/dx = g · (onehot(tok) − softmax(x)), fp32, from the saved log-sum-exp."""
-    grad = torch.exp(x32 - lse[..., None]).mul_(-grad_logp[..., None])  # -softmax · g
-    return grad.scatter_add_(-1, tok[..., None], grad_logp[..., None])  # + onehot · g
+        return token_logits_grad_ref(x, lse, tok, grad_logp), None
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
@@ -267,8 +255,8 @@ class _LinearTokenLogp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, tok, dtype):
         with torch.autocast(h.device.type, enabled=False):
-            x32 = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
-        lse, logp, entropy = _logp_entropy(x32, tok)
+            x = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        lse, logp, entropy = token_stats(x, tok)
         ctx.save_for_backward(h, weight, bias, tok, lse)
         ctx.dtype = dtype
         ctx.mark_non_differentiable(entropy)
@@ -279,8 +267,8 @@ class _LinearTokenLogp(torch.autograd.Function):
         h, weight, bias, tok, lse = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(ctx.dtype)
-            x32 = F.linear(h.to(ctx.dtype), w, None if bias is None else bias.to(ctx.dtype)).float()
-            grad = _logits_grad(x32, lse, tok, grad_logp).to(ctx.dtype)
+            x = F.linear(h.to(ctx.dtype), w, None if bias is None else bias.to(ctx.dtype))
+            grad = token_logits_grad(x, lse, tok, grad_logp)  # [C, V] in the projection's dtype (over x on CUDA)
             grad_h = (grad @ w).to(h.dtype) if ctx.needs_input_grad[0] else None
             grad_w = grad.flatten(0, -2).T.mm(h.to(ctx.dtype).flatten(0, -2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_b = grad.flatten(0, -2).sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
