@@ -639,6 +639,31 @@ def test_a_checkpointed_update_recomputes_attention_on_the_forwards_kernels(tiny
 
 
 
+def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, toy_file):
+    """``--compile-layers`` compiles each decoder layer in place (dynamo traces it; CPU tests use the
+    aot_eager backend, which runs the traced forward and backward graphs without generating kernels).
+    Two micro-batches of different widths reuse the dynamic graph: the step's gradient is the
+    uncompiled layers' gradient. With gradient checkpointing the option is refused before anything loads."""
+    import torch._dynamo
+
+    from posttrain.trainers.setup import compile_layers
+
+    model = tiny_model.train()
+    cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+    batch = random_rl_batch(model.config.vocab_size)
+    plain = _step_gradient(model, batch, cfg)[0]
+    torch._dynamo.reset()
+    assert compile_layers(model, backend="aot_eager") == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    compiled = _step_gradient(model, batch, cfg)[0]
+    torch._dynamo.reset()
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name])
+    with pytest.raises(PosttrainError, match="--compile-layers and --gradient-checkpointing do not go together"):
+        RLConfig(model="m", compile_layers=True, gradient_checkpointing=True)
+
+
 def _adamw_steps(dtype, init: torch.Tensor, lr: float, steps: int = 10):
     """A bias-free Linear with weights ``init`` in ``dtype``: (what ``rounded_away`` and
     ``warn_rounded_away`` find at ``lr``, the weights before, which weights AdamW steps changed)."""
