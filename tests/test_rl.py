@@ -664,6 +664,40 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
         RLConfig(model="m", compile_layers=True, gradient_checkpointing=True)
 
 
+def test_right_padded_rows_need_no_padding_mask(tiny_model, monkeypatch):
+    """``right_padded``: the model gets no attention mask (SDPA may then run flash attention), and the
+    completions' log-probs, entropies and gradients are those with the padding mask; padding only
+    comes after a row's tokens, which the causal mask already keeps them from seeing."""
+    from posttrain.trainers import logprobs
+
+    model = tiny_model.train()
+    batch = random_rl_batch(model.config.vocab_size)
+    assert (batch.attention_mask == 0).any()  # rows of different lengths: padding at the right
+    seen = []
+    forward = type(model).forward
+
+    def recorded(self, *args, **kwargs):
+        seen.append(kwargs.get("attention_mask"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recorded)
+
+    def run(right_padded):
+        model.zero_grad(set_to_none=True)
+        logp, ent = logprobs.sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask, right_padded)
+        logp.sum().backward()
+        return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    masked, unmasked = run(False), run(True)
+    assert seen[0] is batch.attention_mask and seen[1] is None
+    scored = batch.completion_mask > 0
+    assert (masked[0][scored] != 0).all()
+    torch.testing.assert_close(unmasked[0], masked[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unmasked[1], masked[1], atol=1e-5, rtol=1e-5)
+    for name in masked[2]:
+        torch.testing.assert_close(unmasked[2][name], masked[2][name], atol=1e-5, rtol=1e-4)
+
+
 def _adamw_steps(dtype, init: torch.Tensor, lr: float, steps: int = 10):
     """A bias-free Linear with weights ``init`` in ``dtype``: (what ``rounded_away`` and
     ``warn_rounded_away`` find at ``lr``, the weights before, which weights AdamW steps changed)."""

@@ -31,9 +31,14 @@ def output_head(model):
     return head if whole else None
 
 
-def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, input_ids, attention_mask, scored=None, right_padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every next token: ([N, L-1], [N, L-1]); with ``scored`` ([N, L-1], >0
     where a value is needed: the completions' tokens), 0 at the other positions.
+
+    ``right_padded``: every row is its tokens, then padding (an RL batch). The causal mask alone then
+    keeps each token from attending to padding, so the model gets no padding mask: transformers
+    builds no [N, 1, L, L] mask and SDPA may run flash attention (a mask rules it out). The padding
+    positions' own values are computed from padding and are not scored.
 
     Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
     empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk,
@@ -41,10 +46,11 @@ def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[to
     of an RL step at a 128k vocabulary). The forward still goes through ``model``, so DDP sees it."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     where = scored > 0 if scored is not None else None
+    mask = None if right_padded else attention_mask
     head = output_head(model)
     if head is None:
         with sdpa_backends():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         logp, entropy = token_logprobs(logits[:, :-1], input_ids[:, 1:])
         if where is None:
             return logp, entropy
@@ -58,18 +64,18 @@ def sequence_logprobs(model, input_ids, attention_mask, scored=None) -> tuple[to
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
         with sdpa_backends():
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+            model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
     finally:
         handle.remove()
     return linear_token_logprobs(kept["hidden"][:, :-1], head.weight, head.bias, input_ids[:, 1:], where)
 
 
 @torch.no_grad()
-def reference_logprobs(model, ref_model, input_ids, attention_mask, scored, accelerator) -> torch.Tensor:
+def reference_logprobs(model, ref_model, input_ids, attention_mask, scored, accelerator, right_padded: bool = False) -> torch.Tensor:
     """Reference log-probs of the scored tokens ([N, L-1]): the explicit reference model, or the policy
     with its LoRA adapter off."""
     if ref_model is not None:
-        return sequence_logprobs(ref_model, input_ids, attention_mask, scored)[0]
+        return sequence_logprobs(ref_model, input_ids, attention_mask, scored, right_padded)[0]
     unwrapped = accelerator.unwrap_model(model)
     with unwrapped.disable_adapter():
-        return sequence_logprobs(model, input_ids, attention_mask, scored)[0]
+        return sequence_logprobs(model, input_ids, attention_mask, scored, right_padded)[0]

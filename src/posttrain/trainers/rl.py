@@ -320,10 +320,10 @@ def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) ->
         return torch.cat([F.pad(logp_of(mb), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
 
     if cfg.num_iterations > 1:
-        batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)[0])
+        batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask, right_padded=True)[0])
     if cfg.beta > 0:
         batch.ref_logp = whole(lambda mb: reference_logprobs(model, ref_model, mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                                             accelerator))
+                                                             accelerator, right_padded=True))
 
 
 def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[str, float]]:
@@ -339,7 +339,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
         # Gradients are all-reduced only after the last micro-batch of the step.
         sync = accelerator.no_sync(model) if k < len(mbs) - 1 else contextlib.nullcontext()
         with sync, accelerator.autocast():
-            logp, entropy = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask)
+            logp, entropy = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask, right_padded=True)
             loss, m = policy_loss(
                 logp, mb.old_logp if mb.old_logp is not None else logp.detach(), mb.advantages,
                 mb.completion_mask, step, ref_logp=mb.ref_logp,
