@@ -18,7 +18,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of the command ``argv`` names (its first word that is a command), or
+    of every command when ``argv`` is None. A command's flags come from its config class, whose module
+    imports what the command needs (torch, for most): only the command that runs pays for it, so
+    ``posttrain grade``, ``--help`` or a mistyped flag of ``posttrain data`` answer without importing torch."""
     from posttrain import __version__
     from posttrain.cli.commands import COMMANDS
 
@@ -28,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = None if argv is None else next((a for a in argv if a in COMMANDS), "")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        fn.configure(p)
+        if chosen is None or name == chosen:
+            fn.configure(p)
         p.set_defaults(_run=fn)
     return parser
 
@@ -45,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     # weights-only unpickler comments on the protocol of a pickle it is about to refuse.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
