@@ -263,6 +263,17 @@ def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path):
     print(f"{len(CASES)} bad inputs: {len(CASES)} clean one-line errors, 0 destructive")
 
 
+def test_a_command_that_needs_no_model_answers_without_importing_torch(tmp_path):
+    """The parser configures only the command that runs: ``grade`` (and a usage error) never import
+    torch, which costs seconds at every start."""
+    code = ("import sys\nfrom posttrain.cli.main import main\n"
+            f"rc = main(['grade', {str(tmp_path / 'nope.jsonl')!r}])\n"
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], r.stdout + r.stderr
+    assert "file not found" in r.stderr
+
+
 def test_the_package_imports_without_side_effects():
     r = subprocess.run([sys.executable, "-c", "import posttrain.cli.main"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == ""
