@@ -645,6 +645,7 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
     Two micro-batches of different widths reuse the dynamic graph: the step's gradient is the
     uncompiled layers' gradient. With gradient checkpointing the option is refused before anything loads."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from posttrain.trainers.setup import compile_layers
 
@@ -652,11 +653,16 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
     cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
                    max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
     batch = random_rl_batch(model.config.vocab_size)
+    batch.attention_mask[8:, 9:] = 0  # the second micro-batch's rows at most 9 tokens long
+    batch.completion_mask[8:, 8:] = 0
+    assert [mb.input_ids.shape[1] for mb in batch.micro_batches(8)] == [12, 9]
     plain = _step_gradient(model, batch, cfg)[0]
     torch._dynamo.reset()
+    counters.clear()
     assert compile_layers(model, backend="aot_eager") == model.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     compiled = _step_gradient(model, batch, cfg)[0]
+    assert counters["stats"]["unique_graphs"] == 1  # every layer and both widths: one graph, none run uncompiled
     torch._dynamo.reset()
     for name in plain:
         torch.testing.assert_close(compiled[name], plain[name])
@@ -665,22 +671,24 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model, monkeypatch):
-    """``right_padded``: the model gets no attention mask (SDPA may then run flash attention), and the
-    completions' log-probs, entropies and gradients are those with the padding mask; padding only
-    comes after a row's tokens, which the causal mask already keeps them from seeing."""
+    """``right_padded``: attention gets no mask at all, only ``is_causal`` (SDPA may then run flash
+    attention), and the completions' log-probs, entropies and gradients are those with the padding
+    mask; padding only comes after a row's tokens, which the causal mask already keeps them from
+    seeing. (Positions that repeat on the padding would read as packed sequences and bring a 4-D
+    mask back.)"""
     from posttrain.trainers import logprobs
 
     model = tiny_model.train()
     batch = random_rl_batch(model.config.vocab_size)
     assert (batch.attention_mask == 0).any()  # rows of different lengths: padding at the right
     seen = []
-    forward = type(model).forward
+    sdpa = F.scaled_dot_product_attention
 
-    def recorded(self, *args, **kwargs):
-        seen.append(kwargs.get("attention_mask"))
-        return forward(self, *args, **kwargs)
+    def recorded(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(type(model), "forward", recorded)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
 
     def run(right_padded):
         model.zero_grad(set_to_none=True)
@@ -688,8 +696,12 @@ def test_right_padded_rows_need_no_padding_mask(tiny_model, monkeypatch):
         logp.sum().backward()
         return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    masked, unmasked = run(False), run(True)
-    assert seen[0] is batch.attention_mask and seen[1] is None
+    masked = run(False)
+    layers = model.config.num_hidden_layers
+    assert len(seen) == layers and all(m is not None and m.dim() == 4 for m, _ in seen)  # the padding mask
+    seen.clear()
+    unmasked = run(True)
+    assert seen == [(None, True)] * layers
     scored = batch.completion_mask > 0
     assert (masked[0][scored] != 0).all()
     torch.testing.assert_close(unmasked[0], masked[0], atol=1e-5, rtol=1e-5)

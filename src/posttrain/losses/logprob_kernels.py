@@ -16,7 +16,9 @@ bf16 logits:
   the logits' dtype, in place over the logits (the backward pass recomputes them and needs them no
   more), as the reference's fp32 gradient cast to that dtype would be.
 
-Both compute in fp32 from the same bf16 values as the references; only the order of the sums differs.
+Both compute in fp32 from the same bf16 values as the references and agree with them to fp32 rounding
+(the order of the sums and Triton's exp/log differ). Tokens must lie in [0, V): the kernels read the
+token's logit without the bounds check of the references' ``gather``.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def token_stats(x: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch
     c, v = x.shape
     lse, logp, ent = (torch.empty(c, dtype=torch.float32, device=x.device) for _ in range(3))
     if c:
-        _token_stats_kernel[(c,)](x, tok.contiguous(), lse, logp, ent, x.stride(0), v, BLOCK=BLOCK["stats"],
-                                  num_warps=BLOCK["stats_warps"])
+        with torch.cuda.device(x.device):
+            _token_stats_kernel[(c,)](x, tok.contiguous(), lse, logp, ent, x.stride(0), v, BLOCK=BLOCK["stats"],
+                                      num_warps=BLOCK["stats_warps"])
     return lse, logp, ent
 
 
@@ -110,6 +113,7 @@ def token_logits_grad(x: torch.Tensor, lse: torch.Tensor, tok: torch.Tensor, gra
         return token_logits_grad_ref(x, lse, tok, grad_logp)
     c, v = x.shape
     if c:
-        _token_grad_kernel[(c, triton.cdiv(v, BLOCK["grad"]))](x, tok.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
-                                                             x.stride(0), v, BLOCK=BLOCK["grad"], num_warps=BLOCK["grad_warps"])
+        with torch.cuda.device(x.device):
+            _token_grad_kernel[(c, triton.cdiv(v, BLOCK["grad"]))](x, tok.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
+                                                                 x.stride(0), v, BLOCK=BLOCK["grad"], num_warps=BLOCK["grad_warps"])
     return x

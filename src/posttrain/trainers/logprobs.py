@@ -36,17 +36,21 @@ def sequence_logprobs(model, input_ids, attention_mask, scored=None, right_padde
     where a value is needed: the completions' tokens), 0 at the other positions.
 
     ``right_padded``: every row is its tokens, then padding (an RL batch). The causal mask alone then
-    keeps each token from attending to padding, so the model gets no padding mask: transformers
-    builds no [N, 1, L, L] mask and SDPA may run flash attention (a mask rules it out). The padding
-    positions' own values are computed from padding and are not scored.
+    keeps each token from attending to padding, so the model gets no padding mask and positions
+    0..L-1 (the tokens' own; the padding's continue past them, where a repeated position would read
+    as packed sequences, for which transformers builds a [N, 1, L, L] mask): attention is plain causal
+    and SDPA may run flash attention (a mask rules it out). The padding positions' own values are
+    computed from padding and are not scored.
 
     Where the lm_head is a plain projection, the model runs up to it (a pre-hook hands the lm_head an
     empty slice and keeps the hidden states) and ``linear_token_logprobs`` projects chunk by chunk,
     only the scored positions: the [N, L, V] logits and their gradient never exist (the largest tensors
     of an RL step at a 128k vocabulary). The forward still goes through ``model``, so DDP sees it."""
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     where = scored > 0 if scored is not None else None
-    mask = None if right_padded else attention_mask
+    if right_padded:
+        mask, pos = None, torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    else:
+        mask, pos = attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
     head = output_head(model)
     if head is None:
         with sdpa_backends():

@@ -67,16 +67,26 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+RECOMPILE_LIMIT = 32
+"""Graphs dynamo may keep for the layers' code before it runs them uncompiled (its default is 8)."""
+
+
 def compile_layers(model, backend: str = "inductor") -> int:
-    """torch.compile each decoder layer in place (regional compilation, dynamic shapes), for training:
-    the layers share their code, so one compiled graph (forward and backward) serves them all, and a
-    micro-batch of another shape reuses it. The norms, rotary embedding, SiLU and residual adds that
-    PyTorch runs as a few dozen small kernels per layer become a few fused ones. Returns the number of
-    layers compiled."""
+    """torch.compile each decoder layer in place (regional compilation, dynamic shapes), for training.
+    The norms, rotary embedding, SiLU and residual adds that PyTorch runs as a few dozen small kernels
+    per layer become a few fused ones. The layers share their code, so with full fine-tuning one
+    compiled graph (forward and backward) serves every layer and every micro-batch width. A LoRA policy
+    takes a few more, each compiled once: the first layer's input needs no gradient (the embeddings are
+    frozen) where the others' do, and a reference pass runs without gradients and with the adapter
+    off; dynamo's limit on graphs per code object is raised to ``RECOMPILE_LIMIT`` so that none of them
+    falls back to running uncompiled. Returns the number of layers compiled."""
+    import torch._dynamo
+
     layers = decoder_layers(model)
     if not layers:
         raise PosttrainError("--compile-layers found no decoder layers in this model (transformers' GradientCheckpointingLayer); "
                              "train without it")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
@@ -206,8 +216,8 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     """With gradient_checkpointing: recompute every N-th decoder layer only (1: all of them). N = 3
     keeps about two thirds of the activation memory for a third of the recomputation."""
     compile_layers: bool = False
-    """torch.compile each decoder layer for training (one compiled graph that every layer and every
-    micro-batch shape shares). Pays at the first step, then each forward and backward is faster: on an
+    """torch.compile each decoder layer for training (with full fine-tuning, one compiled graph that
+    every layer and every micro-batch shape shares; LoRA adds a few). Pays at the first step, then each forward and backward is faster: on an
     H200, GRPO on Qwen2.5-0.5B (64 completions × ≤ 256 tokens, full fine-tuning) compiled for 14-21 s,
     then took 0.30-0.44 s an update instead of 0.37-0.59 s (worth it from about 200 steps); with LoRA on
     the Llama-3.2-1B shape, 114 s, then 0.45 s instead of 0.66 s (BENCHMARKS.md). Not with
