@@ -37,8 +37,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--profile-step", type=int, default=4, help="the step the PyTorch profiler records (0: none)")
     ap.add_argument("--part", choices=PARTS, help="profile only this part of the profiled step (default: the whole step)")
-    ap.add_argument("--compile-layers", action="store_true",
-                    help="an experiment: torch.compile each decoder layer (dynamic shapes) before the first update")
+    ap.add_argument("--compile-layers", action="store_true", help="train with the trainer's compile_layers option")
     ap.add_argument("--set", nargs="*", default=[], help="extra config options KEY=VALUE (YAML values)")
     ap.add_argument("--out", default=f"bench/results/profile_rl_{datetime.date.today()}.json")
     args = ap.parse_args()
@@ -46,6 +45,8 @@ def main():
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.compile_layers:
+        overrides["compile_layers"] = True
     values = {**load_yaml(args.config), "model": args.model, "data_dir": args.data_dir, "max_steps": args.steps,
               "output": f"/tmp/profile_rl_{time.time_ns()}", "report_to": ["none"], "save_steps": 0, **overrides}
     cfg = build_config(rl.RLConfig, values, args.config)
@@ -67,20 +68,6 @@ def main():
             return out
 
         setattr(rl, name, timed_part)
-
-    if args.compile_layers:
-        plain_update = rl.update
-
-        def compiled_update(model, *a, **k):
-            if not getattr(compiled_update, "done", False):
-                for name, mod in model.named_modules():
-                    if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers"):
-                        for layer in mod:
-                            layer.compile(dynamic=True)
-                compiled_update.done = True
-            return plain_update(model, *a, **k)
-
-        rl.update = compiled_update
 
     prof = None
     if args.profile_step and torch.cuda.is_available():

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import torch
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU installs use the references below.
-    import triton
+from posttrain.engine.kernels import triton, triton_ready
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
 
 BLOCK = {"stats": 4096, "stats_warps": 8, "grad": 4096, "grad_warps": 8}
 
 
-def triton_ready(x: torch.Tensor) -> bool:
-    return triton is not None and x.device.type == "cuda" and x.dim() == 2 and x.stride(1) == 1
+def _kernel_ready(x: torch.Tensor) -> bool:
+    """Triton on x's device, and x a matrix of contiguous rows."""
+    return triton_ready(x.device) and x.dim() == 2 and x.stride(1) == 1
 
 
 # ------------------------------------------------------------------------------- references --
@@ -95,7 +95,7 @@ if triton is not None:
 
 def token_stats(x: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``token_stats_ref`` of logits x [C, V] in one pass on CUDA; the reference elsewhere."""
-    if not triton_ready(x):
+    if not _kernel_ready(x):
         return token_stats_ref(x, tok)
     c, v = x.shape
     lse, logp, ent = (torch.empty(c, dtype=torch.float32, device=x.device) for _ in range(3))
@@ -109,7 +109,7 @@ def token_stats(x: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch
 def token_logits_grad(x: torch.Tensor, lse: torch.Tensor, tok: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
     """``token_logits_grad_ref`` on CUDA in one pass, written over ``x`` (which it returns); the
     reference elsewhere (``x`` left as it is)."""
-    if not triton_ready(x):
+    if not _kernel_ready(x):
         return token_logits_grad_ref(x, lse, tok, grad_logp)
     c, v = x.shape
     if c:

@@ -217,11 +217,11 @@ class TrainerOptions(RunOptions, LoadOptions, StageOptions):
     keeps about two thirds of the activation memory for a third of the recomputation."""
     compile_layers: bool = False
     """torch.compile each decoder layer for training (with full fine-tuning, one compiled graph that
-    every layer and every micro-batch shape shares; LoRA adds a few). Pays at the first step, then each forward and backward is faster: on an
-    H200, GRPO on Qwen2.5-0.5B (64 completions × ≤ 256 tokens, full fine-tuning) compiled for 14-21 s,
-    then took 0.30-0.44 s an update instead of 0.37-0.59 s (worth it from about 200 steps); with LoRA on
-    the Llama-3.2-1B shape, 114 s, then 0.45 s instead of 0.66 s (BENCHMARKS.md). Not with
-    gradient_checkpointing."""
+    every layer and every micro-batch shape shares; LoRA adds a few). Pays at the first step, then each
+    forward and backward is faster: on an H200, GRPO on Qwen2.5-0.5B (64 completions × ≤ 256 tokens,
+    full fine-tuning) compiled for 14-21 s, then took 0.30-0.44 s an update instead of 0.37-0.59 s
+    (worth it from about 200 steps); with LoRA on the Llama-3.2-1B shape, 114 s, then 0.45 s instead of
+    0.66 s (BENCHMARKS.md). Not with gradient_checkpointing."""
     lora_r: int = 8
     """LoRA rank (seed 000's SFT: 8; its REINFORCE: 16)."""
     lora_alpha: int = 16
