@@ -128,7 +128,7 @@ def _step_gradient(model, batch, cfg):
     model.zero_grad(set_to_none=True)
     finite, stats = update(model, batch, cfg, make_accelerator())
     assert finite
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, stats
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -668,6 +668,47 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
         torch.testing.assert_close(compiled[name], plain[name])
     with pytest.raises(PosttrainError, match="--compile-layers and --gradient-checkpointing do not go together"):
         RLConfig(model="m", compile_layers=True, gradient_checkpointing=True)
+
+
+def test_compiled_lora_layers_share_one_graph_and_widths_are_multiples_of_8(tiny_model, toy_file):
+    """A LoRA policy's compiled layers: the first layer's input (the frozen embeddings' output) is made
+    to require a gradient like every other layer's, so the update over two micro-batch widths runs one
+    graph where it took two (dynamo's guard on ``requires_grad``); its gradient is the plain layers'.
+    With compiled layers the RL batch rounds every width up to a multiple of 8 (inductor specialises on
+    it); without, widths are the longest rows'."""
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+
+    from posttrain.trainers.rl import Batch, sequence_tensors
+    from posttrain.trainers.setup import compile_layers
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).train()
+    cfg = RLConfig(algo="grpo", beta=0.0, num_generations=4, per_device_batch_size=8, gradient_accumulation_steps=2,
+                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+    batch = random_rl_batch(model.config.vocab_size)
+    batch.attention_mask[8:, 9:] = 0
+    batch.completion_mask[8:, 8:] = 0
+    plain = _step_gradient(model, batch, cfg)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model, backend="aot_eager")
+    compiled = _step_gradient(model, batch, cfg)[0]
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+    assert plain.keys() == compiled.keys() and any("lora_B" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name])
+
+    class C:  # a completion as sequence_tensors reads it
+        def __init__(self, n):
+            self.token_ids, self.finish_reason = list(range(1, n + 1)), "stop"
+
+    ids, attn, cmask = sequence_tensors([[5, 6, 7]] * 3, [C(4), C(9), C(2)], 0, False, "cpu", multiple_of=8)
+    assert ids.shape == (3, 16) and attn.sum(1).tolist() == [7, 12, 5] and cmask.sum(1).tolist() == [4, 9, 2]
+    mbs = Batch(ids, attn, cmask, torch.zeros(3), multiple_of=8).micro_batches(1)
+    assert [mb.input_ids.shape[1] for mb in mbs] == [8, 16, 8]
+    assert [mb.input_ids.shape[1] for mb in Batch(ids, attn, cmask, torch.zeros(3)).micro_batches(1)] == [7, 12, 5]
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model, monkeypatch):

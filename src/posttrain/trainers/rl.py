@@ -204,23 +204,25 @@ class Batch:
     advantages: torch.Tensor  # [B]
     old_logp: torch.Tensor | None = None  # [B, L-1] at rollout time (num_iterations > 1)
     ref_logp: torch.Tensor | None = None  # [B, L-1] under the reference policy (beta > 0)
+    multiple_of: int = 1  # micro-batch widths are multiples of it (L is one too)
 
     def micro_batches(self, size: int, max_tokens: int | None = None) -> list[Batch]:
-        """Consecutive groups of ``size`` rows, each cut to its own longest row (rows are right-padded):
-        no micro-batch pays for another's longest completion. With ``max_tokens``, a group whose rows ×
-        longest row exceeds it is cut further into consecutive pieces that do not (a row alone may)."""
+        """Consecutive groups of ``size`` rows, each cut to its own longest row (rows are right-padded),
+        rounded up to ``multiple_of``: no micro-batch pays for another's longest completion. With
+        ``max_tokens``, a group whose rows × longest row exceeds it is cut further into consecutive
+        pieces that do not (a row alone may)."""
         def cut(x, rows, w):
             return None if x is None else x[rows, :w]
 
         lengths = self.attention_mask.sum(1).tolist()
-        out = []
+        m, out = self.multiple_of, []
         for i in range(0, len(lengths), size):
             group = lengths[i:i + size]
             for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks(group, max_tokens):
                 rows = slice(i + start, i + stop)
-                w = int(max(lengths[rows]))
+                w = min(-(-int(max(lengths[rows])) // m) * m, self.input_ids.shape[1])
                 out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
-                                 self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1)))
+                                 self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1), m))
         return out
 
 
@@ -281,11 +283,13 @@ def compute_advantages(rewards: torch.Tensor, cfg: RLConfig) -> tuple[torch.Tens
     return adv, all_equal
 
 
-def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device) -> tuple:
-    """Right-padded prompt+completion rows and a mask over the generated tokens (up to and including
-    EOS; never prompt or padding). Position t of the mask scores the token at t + 1."""
+def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask_truncated: bool, device,
+                     multiple_of: int = 1) -> tuple:
+    """Right-padded prompt+completion rows (to a width that is a multiple of ``multiple_of``) and a mask
+    over the generated tokens (up to and including EOS; never prompt or padding). Position t of the
+    mask scores the token at t + 1."""
     rows = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
-    width = max(len(r) for r in rows)
+    width = -(-max(len(r) for r in rows) // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     cmask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
@@ -301,13 +305,15 @@ def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask
 def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: int, device) -> Batch:
     """The completions the update trains on, as tensors. With ``drop_zero_advantage`` (and no KL term)
     completions whose advantage is 0 carry no gradient and are left out; at least one row stays, so
-    every rank runs a backward (DDP all-reduces in it)."""
+    every rank runs a backward (DDP all-reduces in it). With compiled layers every width is a multiple
+    of 8: inductor specialises its graphs on that, and would compile each layer's twice."""
     used = list(range(len(rollout.completions)))
     if cfg.drop_zero_advantage and cfg.beta == 0:
         used = (rollout.advantages != 0).nonzero()[:, 0].tolist() or [0]
+    m = 8 if cfg.compile_layers else 1
     ids, attn, cmask = sequence_tensors([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
-                                     pad_id, cfg.mask_truncated_completions, device)
-    return Batch(ids, attn, cmask, rollout.advantages[used])
+                                     pad_id, cfg.mask_truncated_completions, device, m)
+    return Batch(ids, attn, cmask, rollout.advantages[used], multiple_of=m)
 
 
 @torch.no_grad()

@@ -75,10 +75,12 @@ def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile each decoder layer in place (regional compilation, dynamic shapes), for training.
     The norms, rotary embedding, SiLU and residual adds that PyTorch runs as a few dozen small kernels
     per layer become a few fused ones. The layers share their code, so with full fine-tuning one
-    compiled graph (forward and backward) serves every layer and every micro-batch width. A LoRA policy
-    takes a few more, each compiled once: the first layer's input needs no gradient (the embeddings are
-    frozen) where the others' do, and a reference pass runs without gradients and with the adapter
-    off; dynamo's limit on graphs per code object is raised to ``RECOMPILE_LIMIT`` so that none of them
+    compiled graph (forward and backward) serves every layer and every micro-batch width (the RL batch
+    makes widths multiples of 8, which inductor specialises on). Where the embeddings are frozen (LoRA),
+    their output is made to require a gradient, so that the first layer's input is like the others'
+    and shares their graph (one more backward GEMM per projection of that layer, where a graph of its
+    own was one more to compile); a reference pass, without gradients, takes one
+    more. dynamo's limit on graphs per code object is raised to ``RECOMPILE_LIMIT`` so that none
     falls back to running uncompiled. Returns the number of layers compiled."""
     import torch._dynamo
 
@@ -87,6 +89,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
         raise PosttrainError("--compile-layers found no decoder layers in this model (transformers' GradientCheckpointingLayer); "
                              "train without it")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if not model.get_input_embeddings().weight.requires_grad:
+        model.enable_input_require_grads()
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
