@@ -197,11 +197,18 @@ class Scheduler:
         for start, stop in padded_chunks([len(p) for p in prompts], self.prefill_tokens):
             chunk = prompts[start:stop]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=self.device)
-            lens = torch.tensor([len(p) for p in chunk], device=self.device)
+            # From pinned memory, without waiting: a copy from pageable memory waits for the GPU to
+            # finish the chunk before, so the host could not queue this chunk's kernels meanwhile.
+            ids = self._to_device(torch.tensor([p + [0] * (width - len(p)) for p in chunk]))
+            lens = self._to_device(torch.tensor([len(p) for p in chunk]))
             with sdpa_backends():
                 out.append(self.decoder.prefill(ids, lens, rows[start:stop], self.kv.flat))
         return torch.cat(out)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def wave(self, prompts: list[list[int]], params: SamplingParams, offset: int) -> list[Completion]:
         """Completions of ``prompts`` (``params.n`` each), which fit one batch; ``offset``: the first one's prompt index."""
