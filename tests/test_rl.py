@@ -673,7 +673,8 @@ def test_compiled_layers_give_the_update_the_plain_layers_gradient(tiny_model, t
 def test_compiled_lora_layers_share_one_graph_and_widths_are_multiples_of_8(tiny_model, toy_file):
     """A LoRA policy's compiled layers: the first layer's input (the frozen embeddings' output) is made
     to require a gradient like every other layer's, so the update over two micro-batch widths runs one
-    graph where it took two (dynamo's guard on ``requires_grad``); its gradient is the plain layers'.
+    graph where it took two (dynamo's guard on ``requires_grad``), and a reference pass one more; the
+    update's gradient is the plain layers'.
     With compiled layers the RL batch rounds every width up to a multiple of 8 (inductor specialises on
     it); without, widths are the longest rows'."""
     import torch._dynamo
@@ -695,6 +696,12 @@ def test_compiled_lora_layers_share_one_graph_and_widths_are_multiples_of_8(tiny
     compile_layers(model, backend="aot_eager")
     compiled = _step_gradient(model, batch, cfg)[0]
     assert counters["stats"]["unique_graphs"] == 1
+    from posttrain.trainers.logprobs import reference_logprobs
+    from posttrain.trainers.run import make_accelerator
+
+    for mb in batch.micro_batches(8):  # the reference pass (no gradients, adapter off): one more graph
+        reference_logprobs(model, None, mb.input_ids, mb.attention_mask, mb.completion_mask, make_accelerator(), right_padded=True)
+    assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
     assert plain.keys() == compiled.keys() and any("lora_B" in n for n in plain)
     for name in plain:

@@ -79,9 +79,9 @@ def compile_layers(model, backend: str = "inductor") -> int:
     makes widths multiples of 8, which inductor specialises on). Where the embeddings are frozen (LoRA),
     their output is made to require a gradient, so that the first layer's input is like the others'
     and shares their graph (one more backward GEMM per projection of that layer, where a graph of its
-    own was one more to compile); a reference pass, without gradients, takes one
-    more. dynamo's limit on graphs per code object is raised to ``RECOMPILE_LIMIT`` so that none
-    falls back to running uncompiled. Returns the number of layers compiled."""
+    own was one more to compile); a reference pass, without gradients, takes one more. dynamo's limit
+    on graphs per code object is raised to ``RECOMPILE_LIMIT`` so that none falls back to running
+    uncompiled. Returns the number of layers compiled."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -90,10 +90,18 @@ def compile_layers(model, backend: str = "inductor") -> int:
                              "train without it")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if not model.get_input_embeddings().weight.requires_grad:
-        model.enable_input_require_grads()
+        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+def _output_requires_grad(module, inputs, output):
+    """Forward hook: the output requires a gradient where gradients are being recorded (transformers'
+    ``enable_input_require_grads`` sets it under ``no_grad`` too, which gave a reference pass's first
+    layer a graph of its own)."""
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
 
 
 def enable_checkpointing(model, every: int = 1) -> list[bool]:
