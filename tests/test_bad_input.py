@@ -1,6 +1,8 @@
-"""Bad input, table-driven: every case runs the real CLI in a subprocess and must exit 2 with one
-line on stderr that says what is wrong, no traceback, nothing new written anywhere, and nothing of
-the user's changed. Add every new case found here: this table is the regression list."""
+"""Bad input, table-driven: every case runs the real CLI (``main``, in a child forked from a process
+that imported torch and transformers once: ``cli_forkserver``; a few cases also as new processes) and
+must exit 2 with one line on stderr that says what is wrong, no traceback, nothing new written
+anywhere, and nothing of the user's changed. Add every new case found here: this table is the
+regression list."""
 
 from __future__ import annotations
 
@@ -229,23 +231,41 @@ def _issue_23_fixtures(f: Path) -> None:
     shutil.copytree(f / "finished_run", f / "finished_run2")
 
 
+def _case_env(work: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", POSTTRAIN_HOME=str(work / ".home"),
+                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+
+
+def _argv(case, fixtures: Path) -> list[str]:
+    return [a.replace("{F}", str(fixtures)) for a in case[1]]
+
+
 def _run(case, fixtures: Path, work: Path):
-    name, argv, expected = case
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", POSTTRAIN_HOME=str(work / ".home"),
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    argv = [a.replace("{F}", str(fixtures)) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "posttrain", *argv], cwd=work, capture_output=True, text=True, timeout=300, env=env)
-    return name, expected, r
+    """One case as a user runs it: a new ``python -m posttrain`` process."""
+    r = subprocess.run([sys.executable, "-m", "posttrain", *_argv(case, fixtures)], cwd=work, capture_output=True, text=True,
+                       timeout=300, env=_case_env(work))
+    return case[0], case[2], r
 
 
-def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path):
-    before = _snapshot(fixtures)
-    works = []
-    for i, _ in enumerate(CASES):
-        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
-        works.append(tmp_path / f"w{i}")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda cw: _run(cw[0], fixtures, cw[1]), zip(CASES, works)))
+def _run_all_forked(cases, fixtures: Path, works: list[Path], logs: Path, monkeypatch) -> list:
+    """Every case in a child of one fork server that imported torch and transformers once
+    (``cli_forkserver``): what ``python -m posttrain`` does after its imports."""
+    import cli_forkserver
+
+    # The server starts with this environment (a new interpreter's, as each case's would be).
+    for key, value in _case_env(logs).items():
+        if key != "POSTTRAIN_HOME":
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    jobs = [(_argv(case, fixtures), str(work), _case_env(work), str(logs / f"{i}.out"), str(logs / f"{i}.err"))
+            for i, (case, work) in enumerate(zip(cases, works))]
+    with cli_forkserver.pool(3) as pool:
+        codes = pool.starmap_async(cli_forkserver.run, jobs).get(timeout=1200)
+    return [(case[0], case[2], subprocess.CompletedProcess(job[0], rc, Path(job[3]).read_text(), Path(job[4]).read_text()))
+            for case, job, rc in zip(cases, jobs, codes)]
+
+
+def _failures(results, works) -> list[str]:
     failures = []
     for (name, expected, r), work in zip(results, works):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -256,11 +276,44 @@ def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path):
               and lines[0].startswith("posttrain") and not leftovers)
         if not ok:
             failures.append(f"{name}: rc={r.returncode} leftovers={leftovers} stderr={r.stderr[-600:]!r}")
+    return failures
+
+
+def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path, monkeypatch):
+    before = _snapshot(fixtures)
+    works = []
+    for i, _ in enumerate(CASES):
+        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
+        works.append(tmp_path / f"w{i}")
+    (tmp_path / "logs").mkdir()
+    results = _run_all_forked(CASES, fixtures, works, tmp_path / "logs", monkeypatch)
+    failures = _failures(results, works)
     assert not failures, "\n".join(failures)
     assert _snapshot(fixtures) == before  # nothing of the user's was touched
     assert json.loads((fixtures / "finished_run" / "sft_config.json").read_text())["learning_rate"] == 2e-4
     assert len(CASES) >= 50
     print(f"{len(CASES)} bad inputs: {len(CASES)} clean one-line errors, 0 destructive")
+
+
+# A few of the table's cases as a user meets them, each a new interpreter: an error raised while the
+# command's modules import, or output printed then, would show only here.
+AS_PROCESSES = ["unknown flag", "eval truncated weights", "rl learning rate inf", "overwrite a folder posttrain did not write",
+                "eval into a training run"]
+
+
+def test_bad_inputs_in_new_processes_get_one_line_and_change_nothing(fixtures, tmp_path):
+    before = _snapshot(fixtures)
+    cases = [c for c in CASES if c[0] in AS_PROCESSES]
+    assert len(cases) == len(AS_PROCESSES)
+    works = []
+    for i, _ in enumerate(cases):
+        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
+        works.append(tmp_path / f"w{i}")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda cw: _run(cw[0], fixtures, cw[1]), zip(cases, works)))
+    failures = _failures(results, works)
+    assert not failures, "\n".join(failures)
+    assert _snapshot(fixtures) == before
 
 
 def test_a_command_that_needs_no_model_answers_without_importing_torch(tmp_path):
