@@ -248,21 +248,29 @@ def _run(case, fixtures: Path, work: Path):
 
 
 def _run_all_forked(cases, fixtures: Path, works: list[Path], logs: Path, monkeypatch) -> list:
-    """Every case in a child of one fork server that imported torch and transformers once
-    (``cli_forkserver``): what ``python -m posttrain`` does after its imports."""
+    """Every case in a child of its own, forked from one server that imported torch and
+    transformers once (``cli_forkserver``): what ``python -m posttrain`` does after its imports."""
     import cli_forkserver
 
     # The server starts with this environment (a new interpreter's, as each case's would be).
     for key, value in _case_env(logs).items():
         if key != "POSTTRAIN_HOME":
             monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    path = [str(ROOT / "src"), str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
     jobs = [(_argv(case, fixtures), str(work), _case_env(work), str(logs / f"{i}.out"), str(logs / f"{i}.err"))
             for i, (case, work) in enumerate(zip(cases, works))]
     with cli_forkserver.pool(3) as pool:
-        codes = pool.starmap_async(cli_forkserver.run, jobs).get(timeout=1200)
+        futures = [pool.submit(cli_forkserver.run, *job) for job in jobs]
+        outcomes = []
+        for case, future in zip(cases, futures):
+            try:
+                outcomes.append(future.result(timeout=300))
+            except Exception as e:  # a child that died or hung: name the case
+                pytest.fail(f"{case[0]}: the forked command did not finish ({type(e).__name__}: {e})")
+    assert all(preloaded for _, preloaded in outcomes)  # each case was a fork of the preloaded server
     return [(case[0], case[2], subprocess.CompletedProcess(job[0], rc, Path(job[3]).read_text(), Path(job[4]).read_text()))
-            for case, job, rc in zip(cases, jobs, codes)]
+            for case, job, (rc, _) in zip(cases, jobs, outcomes)]
 
 
 def _failures(results, works) -> list[str]:

@@ -716,6 +716,9 @@ def test_compiled_lora_layers_share_one_graph_and_widths_are_multiples_of_8(tiny
     mbs = Batch(ids, attn, cmask, torch.zeros(3), multiple_of=8).micro_batches(1)
     assert [mb.input_ids.shape[1] for mb in mbs] == [8, 16, 8]
     assert [mb.input_ids.shape[1] for mb in Batch(ids, attn, cmask, torch.zeros(3)).micro_batches(1)] == [7, 12, 5]
+    ids, attn, cmask = sequence_tensors([[5, 6, 7]] * 2, [C(4), C(4)], 0, False, "cpu", multiple_of=8)  # two rows of 7 tokens
+    pieces = Batch(ids, attn, cmask, torch.zeros(2), multiple_of=8).micro_batches(2, max_tokens=14)  # the budget counts rounded widths
+    assert [tuple(mb.input_ids.shape) for mb in pieces] == [(1, 8), (1, 8)]
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model, monkeypatch):

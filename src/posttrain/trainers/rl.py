@@ -214,13 +214,14 @@ class Batch:
         def cut(x, rows, w):
             return None if x is None else x[rows, :w]
 
-        lengths = self.attention_mask.sum(1).tolist()
-        m, out = self.multiple_of, []
-        for i in range(0, len(lengths), size):
-            group = lengths[i:i + size]
+        m, full = self.multiple_of, self.input_ids.shape[1]
+        widths = [min(-(-int(n) // m) * m, full) for n in self.attention_mask.sum(1).tolist()]  # each row's, rounded
+        out = []
+        for i in range(0, len(widths), size):
+            group = widths[i:i + size]
             for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks(group, max_tokens):
                 rows = slice(i + start, i + stop)
-                w = min(-(-int(max(lengths[rows])) // m) * m, self.input_ids.shape[1])
+                w = max(widths[rows])
                 out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
                                  self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1), m))
         return out
