@@ -1,14 +1,16 @@
 """Where `posttrain eval`'s time to first token goes, phase by phase, in a fresh process (issue 25).
 
-    python bench/startup.py --model DIR --data-dir DIR --json OUT [--runs 2]
+    python bench/startup.py --model DIR --data-dir DIR --json OUT [--runs 3] [--limit N]
 
 Each run is a new Python process that does what ``run_eval`` does, in its order, with a stamp (seconds
 since the process started, as a user waits) after each step: the interpreter, torch, posttrain's
 modules, the GSM8K task, transformers' tokenizer classes, the tokenizer, the model classes, the CUDA
-context, the weights, the engine, and the first token of all 1319 prompts (the prefill; greedy, one new
-token, so no decode step). A second pass runs the real ``python -m posttrain eval`` under
-``-X importtime`` and sums the import time by top-level package (what each package costs wherever it is
-first imported), and lists the heavy packages a command imports that it does not use.
+context, the weights, the engine, and an evaluation of one new token for every prompt (rendering,
+tokenising, the prefill, sampling, grading: stamped when it returns, so the first token of the whole
+batch). Then the real ``python -m posttrain eval --max-new-tokens 1`` runs under ``-X importtime``:
+its own phase stamps and first token, and its import time summed by top-level package (self time of
+the package's modules, wherever they are first imported). Whether scikit-learn and scipy were
+imported is recorded per run.
 """
 
 from __future__ import annotations
