@@ -102,6 +102,7 @@ def test_special_token_text_in_data_stays_text(tiny_tokenizer, tmp_path, style):
     if style != "fewshot":  # a normal prompt: exactly the tokenizer's ids of its text
         assert clean_ids == list(tok(task.prompt_text(normal, tok), add_special_tokens=style != "chat")["input_ids"])
     ids = task.encode_prompt(hostile, tok)
+    assert task.encode_prompts([normal, hostile, normal], tok) == [task.encode_prompt(normal, tok), ids, task.encode_prompt(normal, tok)]
     template_only = task.encode_prompt(dataclasses.replace(hostile, question="x"), tok)
     assert [i for i in ids if i in specials] == [i for i in template_only if i in specials]  # only the template's
     assert tok.decode(ids).endswith(task.prompt_text(hostile, tok)) and INJECTION in tok.decode(ids)
@@ -117,6 +118,7 @@ def test_normal_prompts_keep_their_tokens(tiny_tokenizer):
         for ex in task.examples("test"):
             text = task.prompt_text(ex, tok)
             assert task.encode_prompt(ex, tok) == list(tok(text, add_special_tokens=task.template.style != "chat")["input_ids"])
+        assert task.encode_prompts(task.examples("test"), tok) == [task.encode_prompt(ex, tok) for ex in task.examples("test")]
         train = task.examples("train")
         assert task.encode_targets(train, tok) == [list(x) for x in tok([task.target(e) for e in train], add_special_tokens=False)["input_ids"]]
 

@@ -62,7 +62,7 @@ def evaluate(task: Task, examples: list[Example], engine: Engine, tokenizer, par
              progress: bool = True) -> EvalResult:
     """Generate for every example (``params.n`` samples each), grade, aggregate."""
     prompts_text = [task.prompt_text(ex, tokenizer) for ex in examples]
-    prompts = [task.encode_prompt(ex, tokenizer, text) for ex, text in zip(examples, prompts_text)]
+    prompts = task.encode_prompts(examples, tokenizer, prompts_text)
     t0 = time.perf_counter()
     completions = engine.generate(prompts, params, progress=progress)
     elapsed = max(time.perf_counter() - t0, 1e-9)

@@ -383,7 +383,7 @@ def train(cfg: RLConfig) -> dict:
     reward_fns = [parse_reward(r) for r in cfg.reward]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     texts = [task.prompt_text(ex, tokenizer) for ex in examples]
-    prompts = Prompts(examples, texts, [task.encode_prompt(ex, tokenizer, t) for ex, t in zip(examples, texts)])
+    prompts = Prompts(examples, texts, task.encode_prompts(examples, tokenizer, texts))
     model = load_policy(cfg, run.device)
     ref_model = None
     if cfg.beta > 0 and (cfg.ref_model or cfg.method == "full"):
