@@ -216,7 +216,7 @@ def training_batch(cfg: rl.RLConfig, prompt_len: int, vocab: int, device) -> rl.
     rows = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     ps, cs = prompts(rows, seed=2, length=prompt_len, vocab=vocab), prompts(rows, seed=3, length=cfg.max_new_tokens, vocab=vocab)
     comps = [Completion(i // cfg.num_generations, c, "", "eos") for i, c in enumerate(cs)]
-    m = 8 if cfg.compile_layers else 1  # as rl.training_batch
+    m = rl.width_multiple(cfg)
     ids, attn, cmask = rl.sequence_tensors(ps, comps, 0, cfg.mask_truncated_completions, device, m)
     advantages = torch.randn(rows, generator=torch.Generator().manual_seed(4)).to(device)
     return rl.Batch(ids, attn, cmask, advantages, multiple_of=m)

@@ -95,17 +95,16 @@ class Task:
         return encode_pieces(tokenizer, pieces, add_special_tokens=self.template.style != "chat")
 
     def encode_prompts(self, examples: list[Example], tokenizer, texts: list[str] | None = None) -> list[list[int]]:
-        """:meth:`encode_prompt` of each example (``texts``: their prompts already rendered), the prompts
-        whose data holds no special-token text in one tokenizer call (for GSM8K's 1319 test prompts
-        0.19 s instead of 0.27 s with Qwen2.5's tokenizer on a 2-core CPU, before the first token)."""
+        """:meth:`encode_prompt` of each example (``texts``: their prompts already rendered) in one
+        tokenizer call, as :meth:`encode_targets` does; a prompt whose data holds special-token text is
+        encoded again the guarded way (for GSM8K's 1319 test prompts 0.15 s instead of 0.27 s with
+        Qwen2.5's tokenizer on a 2-core CPU, before the first token)."""
         texts = [self.prompt_text(ex, tokenizer) for ex in examples] if texts is None else texts
-        plain = [i for i, ex in enumerate(examples) if not holds_special_text(tokenizer, self._prompt_data(ex))]
-        ids: list[list[int] | None] = [None] * len(examples)
-        if plain:
-            batch = tokenizer([texts[i] for i in plain], add_special_tokens=self.template.style != "chat")["input_ids"]
-            for i, row in zip(plain, batch):
-                ids[i] = list(row)
-        return [row if row is not None else self.encode_prompt(ex, tokenizer, text) for ex, text, row in zip(examples, texts, ids)]
+        ids = [list(x) for x in tokenizer(texts, add_special_tokens=self.template.style != "chat")["input_ids"]] if texts else []
+        for i, ex in enumerate(examples):
+            if holds_special_text(tokenizer, self._prompt_data(ex)):
+                ids[i] = self.encode_prompt(ex, tokenizer, texts[i])
+        return ids
 
     def encode_text(self, prompt_text: str, tokenizer) -> list[int]:
         """Token ids of a rendered prompt, special-token text included as special tokens (for text that

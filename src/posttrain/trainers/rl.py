@@ -303,15 +303,20 @@ def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask
     return ids.to(device), attn.to(device), cmask.to(device)
 
 
+def width_multiple(cfg: RLConfig) -> int:
+    """What the RL batch rounds its widths up to: 8 with compiled layers (inductor specialises its
+    graphs on it, and would compile each layer's twice), else 1."""
+    return 8 if cfg.compile_layers else 1
+
+
 def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: int, device) -> Batch:
     """The completions the update trains on, as tensors. With ``drop_zero_advantage`` (and no KL term)
     completions whose advantage is 0 carry no gradient and are left out; at least one row stays, so
-    every rank runs a backward (DDP all-reduces in it). With compiled layers every width is a multiple
-    of 8: inductor specialises its graphs on that, and would compile each layer's twice."""
+    every rank runs a backward (DDP all-reduces in it). Widths are multiples of ``width_multiple``."""
     used = list(range(len(rollout.completions)))
     if cfg.drop_zero_advantage and cfg.beta == 0:
         used = (rollout.advantages != 0).nonzero()[:, 0].tolist() or [0]
-    m = 8 if cfg.compile_layers else 1
+    m = width_multiple(cfg)
     ids, attn, cmask = sequence_tensors([prompts.ids[rollout.prompt_idx[i]] for i in used], [rollout.completions[i] for i in used],
                                      pad_id, cfg.mask_truncated_completions, device, m)
     return Batch(ids, attn, cmask, rollout.advantages[used], multiple_of=m)
