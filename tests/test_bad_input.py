@@ -236,6 +236,13 @@ def _case_env(work: Path) -> dict[str, str]:
                 TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
 
 
+def _work_dirs(tmp_path: Path, n: int) -> list[Path]:
+    """A working folder per case, each with its own POSTTRAIN_HOME."""
+    for i in range(n):
+        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
+    return [tmp_path / f"w{i}" for i in range(n)]
+
+
 def _argv(case, fixtures: Path) -> list[str]:
     return [a.replace("{F}", str(fixtures)) for a in case[1]]
 
@@ -289,10 +296,7 @@ def _failures(results, works) -> list[str]:
 
 def test_every_bad_input_gets_one_line_and_changes_nothing(fixtures, tmp_path, monkeypatch):
     before = _snapshot(fixtures)
-    works = []
-    for i, _ in enumerate(CASES):
-        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
-        works.append(tmp_path / f"w{i}")
+    works = _work_dirs(tmp_path, len(CASES))
     (tmp_path / "logs").mkdir()
     results = _run_all_forked(CASES, fixtures, works, tmp_path / "logs", monkeypatch)
     failures = _failures(results, works)
@@ -313,10 +317,7 @@ def test_bad_inputs_in_new_processes_get_one_line_and_change_nothing(fixtures, t
     before = _snapshot(fixtures)
     cases = [c for c in CASES if c[0] in AS_PROCESSES]
     assert len(cases) == len(AS_PROCESSES)
-    works = []
-    for i, _ in enumerate(cases):
-        (tmp_path / f"w{i}" / ".home").mkdir(parents=True)
-        works.append(tmp_path / f"w{i}")
+    works = _work_dirs(tmp_path, len(cases))
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda cw: _run(cw[0], fixtures, cw[1]), zip(cases, works)))
     failures = _failures(results, works)
