@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, copy_bandwidth, device_name  # noqa: E402
-from kernels import bench  # noqa: E402
+from kernel_checks import bench  # noqa: E402
 from posttrain.engine import kernels  # noqa: E402
 
 SETTINGS = {"block_n": (32, 64, 128), "num_warps": (1, 2, 4), "num_stages": (1, 2, 3), "splits": (1, 2, 4, 8)}

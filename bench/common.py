@@ -154,7 +154,7 @@ def device_time(prof) -> dict:
     """Where a profiled region's device time went (a finished ``torch.profiler.profile``): kernel time
     in ms by ``CATEGORIES``, the time the device was busy (the union of the kernels' intervals, ms:
     wall minus this is time the device waited for the host), kernels run, kernel and graph launches,
-    and the largest kernels left in "other". A run without CUDA events (CPU only) reports the CPU's
+    the largest kernels left in "other", and every kernel's total time by name. A run without CUDA events (CPU only) reports the CPU's
     aten ops by their self time instead."""
     events = [e for e in prof.events() if not getattr(e, "is_user_annotation", False) and not e.name.startswith("ProfilerStep")]
     kernels = [e for e in events if e.device_type.name == "CUDA"]
@@ -169,15 +169,17 @@ def device_time(prof) -> dict:
         timings = [(e.name, e.self_cpu_time_total) for e in events if e.name.startswith("aten::")]
         busy = sum(us for _, us in timings)
     by = dict.fromkeys(CATEGORIES, 0.0)
-    other = defaultdict(float)
+    other, per_name = defaultdict(float), defaultdict(float)
     for name, us in timings:
         cat = kernel_category(name)
         by[cat] += us / 1e3
+        per_name[name] += us / 1e3
         if cat == "other":
             other[name] += us / 1e3
     return {"device": "cuda" if kernels else "cpu", "busy_ms": busy / 1e3, "by_category_ms": by, "kernels": len(timings),
             "launches": sum(1 for e in events if e.device_type.name == "CPU" and _LAUNCHES.match(e.name)),
-            "other_top": [{"name": n[:160], "ms": round(ms, 4)} for n, ms in sorted(other.items(), key=lambda kv: -kv[1])[:5]]}
+            "other_top": [{"name": n[:160], "ms": round(ms, 4)} for n, ms in sorted(other.items(), key=lambda kv: -kv[1])[:5]],
+            "by_name_ms": dict(per_name)}
 
 
 def device_name() -> str:

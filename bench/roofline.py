@@ -56,9 +56,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import CATEGORIES, SHAPES, copy_bandwidth, device_name, device_time, save, shape_model, sync, timed  # noqa: E402
+from common import CATEGORIES, SHAPES, copy_bandwidth, device_name, device_time, kernel_category, save, shape_model, sync, timed  # noqa: E402
 from posttrain.config import build_config, load_yaml  # noqa: E402
-from posttrain.engine import SamplingParams  # noqa: E402
+from posttrain.engine import SamplingParams, kernels  # noqa: E402
 from posttrain.engine.base import Completion  # noqa: E402
 from posttrain.engine.fast import FastEngine  # noqa: E402
 from posttrain.engine.models import load_model  # noqa: E402
@@ -168,7 +168,15 @@ def per_step(a: dict, b: dict, steps: int) -> dict:
     return {"busy_ms": (a["busy_ms"] - b["busy_ms"]) / steps,
             "by_category_ms": {c: (a["by_category_ms"][c] - b["by_category_ms"][c]) / steps for c in CATEGORIES},
             "kernels": (a["kernels"] - b["kernels"]) / steps, "launches": (a["launches"] - b["launches"]) / steps,
-            "other_top": a["other_top"]}
+            "other_top": a["other_top"], "top": top_kernels(a, b, steps)}
+
+
+def top_kernels(a: dict, b: dict, steps: int, k: int = 30) -> list[dict]:
+    """The ``k`` kernels (by name) that took the most time per step of the steps ``a`` ran beyond ``b``."""
+    names = set(a.get("by_name_ms", {})) | set(b.get("by_name_ms", {}))
+    per = {n: (a.get("by_name_ms", {}).get(n, 0.0) - b.get("by_name_ms", {}).get(n, 0.0)) / steps for n in names}
+    return [{"name": n[:160], "category": kernel_category(n), "ms": round(ms, 5)}
+            for n, ms in sorted(per.items(), key=lambda kv: -kv[1])[:k]]
 
 
 def decode_case(model, s: Shape, rows: int, args) -> dict:
@@ -393,6 +401,8 @@ def parse_args(argv=None):
     ap.add_argument("--update-config", help="RL config for every update (default: per shape, UPDATE_CONFIGS)")
     ap.add_argument("--bandwidth", type=float, help="memory bandwidth in TB/s (overrides the device table)")
     ap.add_argument("--tflops", type=float, help="dense bf16 rate in TFLOP/s (overrides the device table)")
+    ap.add_argument("--attn", help="decode-attention launch settings BLOCK_N,WARPS,STAGES for this run "
+                    "(default: the engine's kernels.ATTN)")
     ap.add_argument("--json", help="where the raw JSON goes (default bench/results/roofline_DEVICE_DATE.json)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random Llama, a few steps, both update paths")
     args = ap.parse_args(argv)
@@ -460,6 +470,9 @@ def measure(name: str, spec: dict | None, folder: str | None, configs: list[str]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.attn:  # a bench-only override of the engine's defaults, recorded in the JSON's settings
+        block_n, warps, stages = (int(v) for v in args.attn.split(","))
+        kernels.ATTN.update(block_n=block_n, num_warps=warps, num_stages=stages)
     result = {"meta": meta(args), "peaks": peaks(args), "cases": [], "errors": []}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     todo = cases(args)

@@ -1,4 +1,4 @@
-"""The decode kernels' PyTorch references (what CPU runs; bench/kernels.py checks the Triton kernels
+"""The decode kernels' PyTorch references (what CPU runs; bench/kernel_checks.py checks the Triton kernels
 against them on GPU): attention over each row's own length, and exact top-p sampling without a sort."""
 
 import math

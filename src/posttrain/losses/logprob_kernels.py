@@ -1,5 +1,5 @@
 """Triton kernels for the token log-probs of an RL update, each with the plain-PyTorch reference that
-CPU runs (and tests) use; the two are checked against each other on GPU (``bench/kernels.py --only
+CPU runs (and tests) use; the two are checked against each other on GPU (``bench/kernel_checks.py --only
 logprobs``).
 
 A chunk of logits x [C, V] (one projection of C positions' hidden states onto the vocabulary) gives

@@ -1,7 +1,7 @@
 """The fast engine's Triton kernels against their PyTorch references on the Llama-3.2-1B decode shape:
 agreement (bf16 and fp32) and time per call, next to the SDPA / top-k paths they replace.
 
-    python bench/kernels.py --out kernels.json
+    python bench/kernel_checks.py --out kernels.json
 """
 
 from __future__ import annotations
@@ -105,17 +105,53 @@ def logprobs() -> list[dict]:
     return out
 
 
+def elementwise() -> list[dict]:
+    """The decode step's fused elementwise kernels (``add_rms_norm``, ``rope_cache_write``, ``silu_mul``)
+    against their references on Qwen2.5-0.5B's and the 1B shape's sizes: max |kernel - reference| and the
+    share of equal elements (they round where the modules round; the norm's sum of squares is ordered
+    differently), and time per call replayed from a graph."""
+    out = []
+
+    def cmp(a, b) -> dict:
+        a, b = a.flatten(), b.flatten()
+        return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "equal_share": (a == b).float().mean().item()}
+
+    for name, heads, kv_heads, d, dim, inter in (("qwen2.5-0.5b", 14, 2, 64, 896, 4864), ("llama32-1b", 32, 8, 64, 2048, 8192)):
+        for n in (64, 256, 1319):
+            bf = dict(device="cuda", dtype=torch.bfloat16)
+            qkv = torch.randn(n, (heads + 2 * kv_heads) * d, **bf)
+            cos, sin = torch.randn(n, d, **bf), torch.randn(n, d, **bf)
+            caches = [torch.zeros(n, kv_heads, 512, d, **bf) for _ in range(4)]
+            rows_, pos = torch.randperm(n, device="cuda"), torch.randint(0, 512, (n,), device="cuda")
+            q = kernels.rope_cache_write(qkv, cos, sin, caches[0], caches[1], rows_, pos, heads, kv_heads)
+            q_ref = kernels.rope_cache_write_ref(qkv, cos, sin, caches[2], caches[3], rows_, pos, heads, kv_heads)
+            h, delta, w = torch.randn(n, dim, **bf), torch.randn(n, dim, **bf), torch.randn(dim, **bf)
+            gu = torch.randn(n, 2 * inter, **bf)
+            out.append({"op": "elementwise", "shape": name, "rows": n,
+                        "rope_cache_write": cmp(torch.cat([q.flatten(), caches[0].flatten(), caches[1].flatten()]),
+                                                torch.cat([q_ref.flatten(), caches[2].flatten(), caches[3].flatten()])),
+                        "add_rms_norm": cmp(torch.cat(kernels.add_rms_norm(h, delta, w, 1e-6)),
+                                            torch.cat(kernels.add_rms_norm_ref(h, delta, w, 1e-6))),
+                        "silu_mul": cmp(kernels.silu_mul(gu), kernels.silu_mul_ref(gu)),
+                        "ms_rope_cache_write": bench(lambda: kernels.rope_cache_write(qkv, cos, sin, caches[0], caches[1], rows_, pos,
+                                                                                      heads, kv_heads)),
+                        "ms_add_rms_norm": bench(lambda: kernels.add_rms_norm(h, delta, w, 1e-6)),
+                        "ms_silu_mul": bench(lambda: kernels.silu_mul(gu))})
+            print(out[-1], flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.json")
-    ap.add_argument("--only", choices=("bookkeeping", "logprobs"), help="only the greedy and advance_rows checks, or only the "
-                    "RL update's log-prob kernels")
+    ap.add_argument("--only", choices=("bookkeeping", "logprobs", "elementwise"), help="only the greedy and advance_rows checks, "
+                    "only the RL update's log-prob kernels, or only the decode step's fused elementwise kernels")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = [{"device": device_name(), "copy_bandwidth_TBps": bw / 1e12, "torch": torch.__version__}]
-    if args.only == "logprobs":
-        emit(args.out, rows + logprobs())
+    if args.only in ("logprobs", "elementwise"):
+        emit(args.out, rows + (logprobs() if args.only == "logprobs" else elementwise()))
         return
     rows += bookkeeping()
     if args.only:
