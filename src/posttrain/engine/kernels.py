@@ -1,5 +1,5 @@
 """Triton kernels for the fast engine's decode step, each with a plain-PyTorch reference that CPU
-runs (and tests) use. The two are checked against each other on GPU (``bench/kernels.py``).
+runs (and tests) use. The two are checked against each other on GPU (``bench/kernel_checks.py``).
 
 * ``decode_attention``: one query token per row against that row's KV cache, grouped-query aware.
   One program per (row, KV head, split) loads the G query heads that share the KV head as a small
@@ -14,7 +14,7 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
   are all kept). Each candidate is rejected with probability at most 1 - top_p. When all K of a
   round are, every token no likelier than the likeliest of them is outside the nucleus too, so the
   next round draws from the tokens above it (a rising pivot), where acceptance is likelier still.
-  Only after ``ROUNDS`` such rounds — probability at most (1 - top_p)^(K·ROUNDS), 1e-32 at top_p
+  Only after ``ROUNDS`` such rounds — probability at most (1 - top_p)^(K·ROUNDS), 1e-16 at top_p
   0.9 — is the most likely token (always in the nucleus) taken.
   The first round, which decides all but a (1 - top_p)^K fraction of rows, runs wide: the vocabulary
   is cut into chunks and each pass is one program per (row, chunk) — per-chunk max and sum of exp,
@@ -48,10 +48,15 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU installs use the reference
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-NUM_CANDIDATES = 8  # top-p candidates per row and round
+NUM_CANDIDATES = 4  # top-p candidates per row and round
+# 4, not 8: the wide round's pass over the logits makes one reduction per candidate (at 256 rows of a 152k
+# vocabulary it was the step's largest sampling kernel, 63 µs with 8), and a row needs the slow per-row
+# rounds only when all 4 are rejected, at most (1 - top_p)^4 = 1e-4 of rows at top_p 0.9.
 ROUNDS = 4  # rounds of candidates before falling back to the most likely token
-# Launch settings, chosen with bench/kernels.py on an H200 (it sweeps them).
-ATTN = {"block_n": 64, "num_warps": 2, "num_stages": 2, "min_splits": 1}
+# Launch settings, chosen with bench/kernel_checks.py on an H200 (it sweeps them); the attention kernel's
+# third pipeline stage from bench/roofline.py's whole decode step (--attn), where the caches come from
+# memory, not from L2 as in a sweep of one call: Qwen2.5-0.5B at 64 rows 1.228 -> 1.179 ms a step.
+ATTN = {"block_n": 64, "num_warps": 2, "num_stages": 3, "min_splits": 1}
 MAX_SPLITS = 16
 SAMPLE = {"block": 4096, "num_warps": 8, "chunk": 2048, "chunk_warps": 2}
 
@@ -451,29 +456,29 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_write_kernel(QKV, Cos, Sin, Q, Kc, Vc, Rows, Pos, s_qkv, s_c, s_qn, s_qh,
-                                 s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                                 s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                                 SLOTS: tl.constexpr):
+        """One program per row: its q, k and v heads as one [SLOTS, D] tile (head slots: q heads, then
+        k heads, then v heads; SLOTS the next power of two), so each row's cos/sin are read once."""
         r = tl.program_id(0)
-        j = tl.program_id(1)  # head slot: q heads, then k heads, then v heads
-        cols = tl.arange(0, D)
+        j = tl.arange(0, SLOTS)[:, None]
+        cols = tl.arange(0, D)[None, :]
+        live = j < H + 2 * HKV
         base = QKV + r * s_qkv + j * D
-        x = tl.load(base + cols)
-        if j < H + HKV:  # q*cos + rotate_half(q)*sin, each product and the sum rounded as in PyTorch
-            xr = tl.load(base + (cols + D // 2) % D).to(tl.float32)
-            xr = tl.where(cols < D // 2, -xr, xr)
-            c = tl.load(Cos + r * s_c + cols).to(tl.float32)
-            s = tl.load(Sin + r * s_c + cols).to(tl.float32)
-            t1 = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-            t2 = (xr * s).to(x.dtype).to(tl.float32)
-            x = (t1 + t2).to(x.dtype)
-        if j < H:
-            tl.store(Q + r * s_qn + j * s_qh + cols, x)
-        else:
-            row = tl.load(Rows + r)
-            p = tl.load(Pos + r)
-            if j < H + HKV:
-                tl.store(Kc + row * s_kn + (j - H) * s_kh + p * s_kl + cols, x)
-            else:
-                tl.store(Vc + row * s_vn + (j - H - HKV) * s_vh + p * s_vl + cols, x)
+        x = tl.load(base + cols, mask=live, other=0.0)
+        # q*cos + rotate_half(q)*sin (and k's), each product and the sum rounded as in PyTorch
+        xr = tl.load(base + (cols + D // 2) % D, mask=live, other=0.0).to(tl.float32)
+        xr = tl.where(cols < D // 2, -xr, xr)
+        c = tl.load(Cos + r * s_c + cols).to(tl.float32)
+        sn = tl.load(Sin + r * s_c + cols).to(tl.float32)
+        t1 = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        t2 = (xr * sn).to(x.dtype).to(tl.float32)
+        x = tl.where(j < H + HKV, (t1 + t2).to(x.dtype), x)
+        tl.store(Q + r * s_qn + j * s_qh + cols, x, mask=j < H)
+        row = tl.load(Rows + r)
+        p = tl.load(Pos + r)
+        tl.store(Kc + row * s_kn + (j - H) * s_kh + p * s_kl + cols, x, mask=(j >= H) & (j < H + HKV))
+        tl.store(Vc + row * s_vn + (j - H - HKV) * s_vh + p * s_vl + cols, x, mask=(j >= H + HKV) & live)
 
     @triton.jit
     def _silu_mul_kernel(GU, Out, s_gu, s_o, I, BLOCK: tl.constexpr):
@@ -508,10 +513,10 @@ def rope_cache_write(qkv, cos, sin, k_cache, v_cache, rows, pos, heads: int, kv_
         return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, rows, pos, heads, kv_heads)
     n = qkv.shape[0]
     q = torch.empty((n, heads, d), dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_write_kernel[(n, heads + 2 * kv_heads)](
+    _rope_cache_write_kernel[(n,)](
         qkv, cos, sin, q, k_cache, v_cache, rows, pos, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H=heads, HKV=kv_heads, D=d, num_warps=1)
+        H=heads, HKV=kv_heads, D=d, SLOTS=triton.next_power_of_2(heads + 2 * kv_heads), num_warps=4)
     return q
 
 

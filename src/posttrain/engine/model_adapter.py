@@ -255,13 +255,14 @@ class ModelAdapter:
         n = tokens.shape[0]
         h = self.inner.embed_tokens(tokens[:, None]).to(self.dtype)  # [n, 1, D]
         cos, sin = self._rope(h, pos[:, None])
+        lens = pos + 1  # once a step, not once a layer: each is a kernel in the captured graph
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)  # q [n, H, 1, d]
             kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
             kc[ar, :, pos] = k[:, :, 0]
             vc[ar, :, pos] = v[:, :, 0]
             # Grouped-query attention: each KV head is read once for the queries that share it.
-            o = kernels.decode_attention(q[:, :, 0], kc, vc, pos + 1, self.scaling, span)  # [n, H, d]
+            o = kernels.decode_attention(q[:, :, 0], kc, vc, lens, self.scaling, span)  # [n, H, d]
             h = h + self._o(li, layer, o.reshape(n, 1, -1))
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
         return self.base.lm_head(self.inner.norm(h[:, 0]).to(self.head_dtype))
@@ -275,12 +276,13 @@ class ModelAdapter:
         h = self.inner.embed_tokens(tokens).to(self.dtype)  # [n, D]
         cos, sin = self._rope(h[:, None], pos[:, None])  # [n, 1, d]
         cos, sin = cos[:, 0], sin[:, 0]
+        lens = pos + 1
         norm = layers[0].input_layernorm
         h, x = kernels.add_rms_norm(h, None, norm.weight, norm.variance_epsilon)
         for li, layer in enumerate(layers):
             w, kc, vc = self.weights[li], caches_flat[2 * li], caches_flat[2 * li + 1]
             q = kernels.rope_cache_write(w.qkv(x), cos, sin, kc, vc, ar, pos, self.n_heads, self.n_kv)  # [n, H, d]
-            o = kernels.decode_attention(q, kc, vc, pos + 1, self.scaling, span)
+            o = kernels.decode_attention(q, kc, vc, lens, self.scaling, span)
             norm = layer.post_attention_layernorm
             h, x = kernels.add_rms_norm(h, w.o(o.reshape(n, -1)), norm.weight, norm.variance_epsilon)
             act = kernels.silu_mul(w.gu(x))
