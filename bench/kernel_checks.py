@@ -1,7 +1,9 @@
-"""The fast engine's Triton kernels against their PyTorch references on the Llama-3.2-1B decode shape:
-agreement (bf16 and fp32) and time per call, next to the SDPA / top-k paths they replace.
+"""The fast engine's Triton kernels against their PyTorch references: agreement (bf16 and fp32) and time
+per call, next to the SDPA / top-k paths they replace — decode attention on the Llama-3.2-1B decode shape,
+the sampler at Llama's and Qwen2.5's vocabularies, the fused elementwise kernels on Qwen2.5-0.5B's and the
+1B shape's sizes, the RL update's log-prob kernels.
 
-    python bench/kernel_checks.py --out kernels.json
+    python bench/kernel_checks.py --out kernels.json [--only bookkeeping|logprobs|elementwise|sample]
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def elementwise() -> list[dict]:
 
     def cmp(a, b) -> dict:
         a, b = a.flatten(), b.flatten()
-        return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "equal_share": (a == b).float().mean().item()}
+        return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), "unequal": int((a != b).sum()), "of": a.numel()}
 
     for name, heads, kv_heads, d, dim, inter in (("qwen2.5-0.5b", 14, 2, 64, 896, 4864), ("llama32-1b", 32, 8, 64, 2048, 8192)):
         for n in (64, 256, 1319):
@@ -141,17 +143,40 @@ def elementwise() -> list[dict]:
     return out
 
 
+def sampler() -> list[dict]:
+    """``sample`` against ``sample_ref`` with the same uniforms at Qwen2.5's 152k vocabulary: same tokens and
+    log-prob error, at flat, peaked and near-uniform logits, top-p 0.9 / 0.3 / 1.0, and with every row's first
+    round rejected (the per-row restart path)."""
+    out = []
+    for n, vocab, scale in ((256, 151936, 1.0), (256, 151936, 4.0), (64, 151936, 0.02)):
+        logits = (torch.randn(n, vocab, device="cuda") * scale).to(torch.bfloat16)
+        row = {"op": "sample", "rows": n, "vocab": vocab, "logit_scale": scale, "candidates": kernels.NUM_CANDIDATES}
+        for tp in (0.9, 0.3, 1.0, "restart"):
+            top_p = 0.3 if tp == "restart" else tp
+            u = torch.rand(n, kernels.uniforms_per_row(top_p), device="cuda")
+            if tp == "restart":
+                u[:, :kernels.NUM_CANDIDATES] = 0.99999  # deep in the tail: every first-round candidate rejected
+            a, la = kernels.sample(logits, 0.7, top_p, u)
+            b, lb = kernels.sample_ref(logits, 0.7, top_p, u)
+            row[f"top_p_{tp}"] = {"same_tokens": int((a == b).sum()), "of": n, "logp_max_err": (la - lb).abs().max().item()}
+        row["ms_top_p_0.9"] = bench(lambda: kernels.sample(logits, 0.7, 0.9))
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.json")
-    ap.add_argument("--only", choices=("bookkeeping", "logprobs", "elementwise"), help="only the greedy and advance_rows checks, "
-                    "only the RL update's log-prob kernels, or only the decode step's fused elementwise kernels")
+    ap.add_argument("--only", choices=("bookkeeping", "logprobs", "elementwise", "sample"), help="only the greedy and advance_rows "
+                    "checks, the RL update's log-prob kernels, the decode step's fused elementwise kernels, or the sampler")
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
     rows = [{"device": device_name(), "copy_bandwidth_TBps": bw / 1e12, "torch": torch.__version__}]
-    if args.only in ("logprobs", "elementwise"):
-        emit(args.out, rows + (logprobs() if args.only == "logprobs" else elementwise()))
+    only = {"logprobs": logprobs, "elementwise": elementwise, "sample": sampler}
+    if args.only in only:
+        emit(args.out, rows + only[args.only]())
         return
     rows += bookkeeping()
     if args.only:

@@ -368,7 +368,8 @@ def print_table(result: dict) -> None:
 
 def meta(args) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        describe = ["git", "describe", "--always", "--dirty", "--abbrev=40"]  # "-dirty": uncommitted changes ran
+        commit = subprocess.run(describe, cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     import transformers

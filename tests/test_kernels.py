@@ -54,7 +54,7 @@ def test_sample_ref_next_round_draws_above_the_rejected_pivot():
     assert tok.item() == 1  # in the nucleus {0, 1}; not the argmax fall-back (0)
     u[0, 2 * k] = 0.2  # 0.18 of the mass -> token 0
     assert kernels.sample_ref(logits, 1.0, 0.5, u)[0].item() == 0
-    u[0, 3] = 0.4  # a first-round candidate inside the nucleus (token 1) decides at once
+    u[0, k - 1] = 0.4  # a first-round candidate inside the nucleus (token 1) decides at once
     assert kernels.sample_ref(logits, 1.0, 0.5, u)[0].item() == 1
 
 
