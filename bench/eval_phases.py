@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from launch import code_env, eval_command  # noqa: E402
 
 INPROC = r'''
 import json, sys, time
@@ -65,17 +66,9 @@ print("INPROC " + json.dumps(runs))
 '''
 
 
-def code_env(code: Path, triton_cache: Path) -> dict:
-    """This process's environment with source tree ``code`` first on the path and its own Triton cache."""
-    path = [str(code)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRITON_CACHE_DIR": str(triton_cache)}
-
-
 def cli_eval(code: Path, model: str, data_dir: str, out: Path, triton_cache: Path, limit: int, new: int, batch: int) -> dict:
     env = code_env(code, triton_cache)
-    cmd = [sys.executable, "-m", "posttrain", "eval", "--model", model, "--task", "gsm8k", "--data-dir", data_dir,
-           "--prompt-style", "chat", "--max-new-tokens", str(new), "--batch-size", str(batch), "--output", str(out),
-           "--show-samples", "0"] + (["--limit", str(limit)] if limit else [])
+    cmd = eval_command(model, data_dir, out, new, batch, limit)
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from launch import code_env, eval_command  # noqa: E402
 
 PHASES = r'''
 import json, sys, time
@@ -60,6 +61,14 @@ print("PHASES " + json.dumps({"stamps": stamps, "sklearn_imported": "sklearn" in
 '''
 
 
+def run_phases(script: str, env: dict, model: str, data_dir: str, limit: int) -> tuple[int, dict]:
+    """Run a phase-stamping ``script`` (``PHASES`` or a variant of it) in a fresh process: its exit code
+    and its printed result (stamps, modules imported), or the end of its stderr."""
+    r = subprocess.run([sys.executable, "-c", script, model, data_dir, str(limit)], cwd=ROOT, env=env, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("PHASES ")), None)
+    return r.returncode, json.loads(line[7:]) if line else {"stderr": r.stderr[-3000:]}
+
+
 def import_costs(stderr: str) -> dict:
     """-X importtime's lines summed by top-level package: self time of every module of the package (ms)."""
     self_ms: dict[str, float] = defaultdict(float)
@@ -78,13 +87,12 @@ def main():
     ap.add_argument("--runs", type=int, default=2, help="fresh processes for the phase stamps (the first may fill caches)")
     ap.add_argument("--json", default=f"bench/results/startup_{datetime.date.today()}.json")
     args = ap.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = code_env(ROOT / "src")
     rows = []
     for i in range(args.runs):
-        r = subprocess.run([sys.executable, "-c", PHASES, args.model, args.data_dir, str(args.limit)], cwd=ROOT, env=env, capture_output=True, text=True)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("PHASES ")), None)
-        row = {"run": i, "rc": r.returncode, **(json.loads(line[7:]) if line else {"stderr": r.stderr[-3000:]})}
-        if line:
+        rc, result = run_phases(PHASES, env, args.model, args.data_dir, args.limit)
+        row = {"run": i, "rc": rc, **result}
+        if "stamps" in row:
             s, prev = row["stamps"], 0.0
             row["phase_s"] = {}
             for k, v in s.items():
@@ -93,9 +101,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(tempfile.mkdtemp(prefix="startup_"))
-    cmd = [sys.executable, "-X", "importtime", "-m", "posttrain", "eval", "--model", args.model, "--task", "gsm8k",
-           "--data-dir", args.data_dir, "--prompt-style", "chat", "--max-new-tokens", "1", "--batch-size", "1319",
-           "--output", str(out / "eval"), "--show-samples", "0"] + (["--limit", str(args.limit)] if args.limit else [])
+    cmd = eval_command(args.model, args.data_dir, out / "eval", 1, 1319, args.limit, python_flags=("-X", "importtime"))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     summary = json.loads((out / "eval" / "summary.json").read_text()) if r.returncode == 0 else {}
     costs = import_costs(r.stderr)

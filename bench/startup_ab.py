@@ -13,15 +13,16 @@ on PYTHONPATH). The first round meets cold caches; compare the later ones.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from launch import code_env, eval_command  # noqa: E402
+from startup import PHASES, run_phases  # noqa: E402
 
 
 def main():
@@ -33,27 +34,20 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="problems (default 0: all 1319; a CPU smoke run wants a few)")
     ap.add_argument("--code", action="append", help="a posttrain source folder (repeatable; default src)")
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("startup", ROOT / "bench/startup.py")
-    startup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(startup)
-    early = startup.PHASES.replace('import torch; stamp("import_torch")', 'import torch; torch.cuda.is_available(); stamp("import_torch")')
-    assert early != startup.PHASES
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
-    env_for = lambda src: {**os.environ, "PYTHONPATH": ":".join([str(Path(src).resolve()), *extra])}  # noqa: E731
+    early = PHASES.replace('import torch; stamp("import_torch")', 'import torch; torch.cuda.is_available(); stamp("import_torch")')
+    assert early != PHASES
+    model, data_dir = str(Path(args.model).resolve()), str(Path(args.data_dir).resolve())  # the script runs from the root
     codes = args.code or ["src"]
+    envs = {c: code_env(Path(c).resolve()) for c in codes}
     res = {"script": [], "script_early_cuda": [], **{f"cli {c}": [] for c in codes}}
     for i in range(args.runs):
-        for name, code in (("script", startup.PHASES), ("script_early_cuda", early)):
-            r = subprocess.run([sys.executable, "-c", code, args.model, args.data_dir, str(args.limit)], env=env_for(codes[0]),
-                               capture_output=True, text=True)
-            line = next((x for x in r.stdout.splitlines() if x.startswith("PHASES ")), None)
-            res[name].append(json.loads(line[7:])["stamps"] if line else {"error": r.stderr[-800:]})
+        for name, script in (("script", PHASES), ("script_early_cuda", early)):
+            _, result = run_phases(script, envs[codes[0]], model, data_dir, args.limit)
+            res[name].append(result["stamps"] if "stamps" in result else {"error": result["stderr"][-800:]})
         for src in codes:
             out = Path(tempfile.mkdtemp(prefix="startup_ab_")) / "eval"
-            cmd = [sys.executable, "-m", "posttrain", "eval", "--model", args.model, "--task", "gsm8k", "--data-dir", args.data_dir,
-                   "--prompt-style", "chat", "--max-new-tokens", "1", "--batch-size", str(args.limit or 1319), "--output", str(out), "--show-samples", "0",
-                   *(["--limit", str(args.limit)] if args.limit else [])]
-            r = subprocess.run(cmd, env=env_for(src), capture_output=True, text=True)
+            cmd = eval_command(model, data_dir, out, 1, args.limit or 1319, args.limit)
+            r = subprocess.run(cmd, env=envs[src], capture_output=True, text=True)
             if r.returncode:
                 res[f"cli {src}"].append({"error": r.stderr[-800:]})
                 continue
