@@ -16,6 +16,11 @@ from typing import Any
 from posttrain.errors import PosttrainError
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n`` (padded batch widths)."""
+    return -(-n // multiple) * multiple
+
+
 def cache_home() -> Path:
     """posttrain's own cache (fetched models, bytecode): $POSTTRAIN_HOME, else
     $XDG_CACHE_HOME/posttrain, else ~/.cache/posttrain."""

@@ -47,7 +47,7 @@ from posttrain.trainers.setup import (
     warmup_steps_for,
     warn_rounded_away,
 )
-from posttrain.utils import padded_chunks, seed_everything
+from posttrain.utils import padded_chunks, round_up, seed_everything
 
 # algorithm -> how advantages are computed and which group they are computed over
 ALGORITHMS = {
@@ -215,7 +215,7 @@ class Batch:
             return None if x is None else x[rows, :w]
 
         m, full = self.multiple_of, self.input_ids.shape[1]
-        widths = [min(-(-int(n) // m) * m, full) for n in self.attention_mask.sum(1).tolist()]  # each row's, rounded
+        widths = [min(round_up(int(n), m), full) for n in self.attention_mask.sum(1).tolist()]  # each row's, rounded
         out = []
         for i in range(0, len(widths), size):
             group = widths[i:i + size]
@@ -290,7 +290,7 @@ def sequence_tensors(prompt_ids: list[list[int]], completions, pad_id: int, mask
     over the generated tokens (up to and including EOS; never prompt or padding). Position t of the
     mask scores the token at t + 1."""
     rows = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
-    width = -(-max(len(r) for r in rows) // multiple_of) * multiple_of
+    width = round_up(max(len(r) for r in rows), multiple_of)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     cmask = torch.zeros((len(rows), width - 1), dtype=torch.float32)

@@ -26,7 +26,7 @@ from posttrain.tasks import Task, make_task
 from posttrain.trainers.data import data_splits, epoch_indices
 from posttrain.trainers.run import TrainingRun
 from posttrain.trainers.setup import TrainerOptions, build_optimizer, build_scheduler, count_parameters, load_policy, warmup_steps_for, warn_rounded_away
-from posttrain.utils import seed_everything
+from posttrain.utils import round_up, seed_everything
 
 TRUNCATION = ("prompt_left", "drop", "left")
 
@@ -148,8 +148,7 @@ def pack(batch: list[Tokenized], device) -> dict:
 
 def pad_right(batch: list[Tokenized], pad_id: int, device, multiple_of: int = 8) -> dict:
     """The seed's collator: right padding (to a multiple of 8) with an attention mask."""
-    width = max(len(ex.input_ids) for ex in batch)
-    width = int(math.ceil(width / multiple_of) * multiple_of)
+    width = round_up(max(len(ex.input_ids) for ex in batch), multiple_of)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
