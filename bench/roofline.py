@@ -1,8 +1,9 @@
-"""Roofline of the decode step and of the RL update: bytes moved and FLOPs per step, the floor time they
-allow at the device's memory bandwidth and dense bf16 rate, the achieved time, and where it goes.
+"""Roofline of the decode step, the prefill and the RL update: bytes moved and FLOPs per step, the floor
+time they allow at the device's memory bandwidth and dense bf16 rate, the achieved time, and where it goes.
 
     python bench/roofline.py --json bench/results/roofline_h200_DATE.json            # all shapes x rows
     python bench/roofline.py --shapes qwen2.5-coder-0.5b --rows 256 --phases decode  # one case
+    python bench/roofline.py --shapes qwen2.5-coder-0.5b --rows 1319 --phases prefill # GSM8K's test set at once
     python bench/roofline.py --model /models/qwen2.5-coder-0.5b-instruct             # a real model folder
     python bench/roofline.py --tiny                                                  # CPU smoke run
 
@@ -16,6 +17,10 @@ model folders. Per shape:
   prefill) / (steps − 1). Where the time goes: two profiled calls on prompts whose context during the
   profiled steps averages the timed window's, ``--profile-steps``+1 tokens and 1 token; their
   difference, per step, is the decode steps' kernels without the prefill.
+* prefill, at each row count: the engine's ``generate`` of one token for that many random prompts whose
+  lengths are spread evenly over ``--prefill-lengths`` (default 105-270 tokens: the span of GSM8K's test
+  problems as Qwen2.5's chat prompts, mean 143), after one warm-up call; the "step" is the whole call
+  (the prefill in its chunks and the first token), timed three times, profiled once.
 * update: the trainer's update path on a batch of its GRPO config's shape (configs/grpo_smollm2.yaml:
   64 completions, full fine-tuning; bench/grpo_1b_shape.yaml for the 1B shape: LoRA, KL to the
   adapter-less reference): ``load_policy``, ``build_optimizer``, then per step ``rl.fill_logprobs``,
@@ -206,6 +211,41 @@ def decode_case(model, s: Shape, rows: int, args) -> dict:
             **decode_cost(s, rows, ctx)}
 
 
+# ------------------------------------------------------------------------------------- prefill --
+def prefill_lengths(rows: int, lo: int, hi: int) -> list[int]:
+    """``rows`` prompt lengths spread evenly over [lo, hi], in a shuffled order (a dataset's is not sorted)."""
+    lengths = [lo + round(i * (hi - lo) / max(1, rows - 1)) for i in range(rows)]
+    g = torch.Generator().manual_seed(0)
+    return [lengths[i] for i in torch.randperm(rows, generator=g).tolist()]
+
+
+def prefill_cost(s: Shape, lengths: list[int], chunks: int) -> dict:
+    """FLOPs and bytes of prefilling prompts of ``lengths`` in ``chunks`` forwards: the real tokens only
+    (padding is work the achieved time pays, not the floor), the lm_head at each prompt's last position."""
+    tokens = sum(lengths)
+    flops = 2 * s.layer_params * tokens + 2 * s.vocab * s.hidden * len(lengths) + 2 * s.layers * s.heads * s.head_dim * sum(n * n for n in lengths)
+    terms = {"weights": chunks * s.matmul_params * s.elt, "kv_write": tokens * s.kv_bytes_per_token, "logits": 4 * len(lengths) * s.vocab}
+    return {"tokens": tokens, "chunks": chunks, "flops": flops, "bytes": sum(terms.values()), "bytes_terms": terms}
+
+
+def prefill_case(model, s: Shape, rows: int, args) -> dict:
+    from posttrain.utils import padded_chunks
+
+    lengths = prefill_lengths(rows, *args.prefill_lengths)
+    ps = [p[:n] for p, n in zip(prompts(rows, seed=5, length=max(lengths), vocab=s.vocab), lengths)]
+    engine = FastEngine(model, StubTokenizer(), batch_size=rows)
+    one = SamplingParams(max_new_tokens=1, temperature=args.temperature, top_p=args.top_p, ignore_eos=True, seed=0)
+    engine.generate(ps, one)  # warm-up: the cache allocated, every chunk width's kernels chosen
+    walls = [timed(engine.generate, ps, one)[1] for _ in range(3)]
+    chunks = padded_chunks(sorted(lengths), engine.scheduler.prefill_tokens)  # as the scheduler runs them: shortest first
+    padded = sum((b - a) * sorted(lengths)[b - 1] for a, b in chunks)
+    wall = sorted(walls)[1]
+    return {"phase": "prefill", "rows": rows, "prompt_len": sum(lengths) / rows, "completion_len": 0,
+            "length_range": list(args.prefill_lengths), "padded_tokens": padded, "walls_s": walls, "achieved_ms": 1e3 * wall,
+            "tokens_per_s": sum(lengths) / wall, "profile": profiled(lambda: engine.generate(ps, one)),
+            **prefill_cost(s, lengths, len(chunks))}
+
+
 # -------------------------------------------------------------------------------------- update --
 def config_file(path: str) -> Path:
     """An RL config: as given, or relative to the repository (the defaults are)."""
@@ -332,7 +372,7 @@ def _n(x: float) -> str:
 
 
 def _rows(r) -> str:
-    return str(r["rows"]) if r["phase"] == "decode" else f"{r['rows']}x{r['prompt_len'] + r['completion_len']}"
+    return str(r["rows"]) if r["phase"] == "decode" else f"{r['rows']}x{r['prompt_len'] + r['completion_len']:.0f}"
 
 
 def print_table(result: dict) -> None:
@@ -342,7 +382,8 @@ def print_table(result: dict) -> None:
     copy = f"; a copy here reaches {pk['measured_copy_Bps'] / 1e12:.2f} TB/s" if pk["measured_copy_Bps"] else ""
     print(f"\nroofline  {m['device']}  {bw}, {fl} dense bf16 ({pk['source']}{copy})  torch {m['torch']}  {m['date']}")
     print("ms per step; decode: rows x mean context, tok/s = rows / step, gen tok/s = the whole generate call (prefill included);"
-          "\nupdate: completions x (prompt + completion), tok/s = tokens through the layers / step")
+          "\nprefill: prompts x mean length, the step = the whole call; update: completions x (prompt + completion);"
+          " tok/s = tokens through the layers / step")
     head = (f"{'phase':6} {'shape':20} {'rows':>8} {'ctx':>5} {'GB/step':>8} {'GFLOP':>8} {'floorBW':>8} {'floorFL':>8} "
             f"{'achieved':>9} {'%floor':>7} {'bound':>7} {'tok/s':>9} {'gen tok/s':>9}")
     print(head)
@@ -392,7 +433,8 @@ def parse_args(argv=None):
                                      "or none when --model is given)")
     ap.add_argument("--model", action="append", default=[], help="a real model folder (repeatable), measured after the shapes")
     ap.add_argument("--rows", help="decode row counts, comma-separated (default 64,256,1319)")
-    ap.add_argument("--phases", default="decode,update", help="decode, update or both")
+    ap.add_argument("--phases", default="decode,update", help="comma-separated, of decode, prefill, update")
+    ap.add_argument("--prefill-lengths", help="prefill prompt lengths MIN,MAX (default 105,270)")
     ap.add_argument("--new-tokens", type=int, help="decode steps per timed generate call (default 256)")
     ap.add_argument("--prompt-len", type=int, help=f"prompt tokens (default {PROMPT}, bench/rollout.py's GSM8K-like length)")
     ap.add_argument("--profile-steps", type=int, help="decode steps in the profiled window (default 16)")
@@ -416,10 +458,12 @@ def parse_args(argv=None):
     args.phases = args.phases.split(",")
     shapes = args.shapes.split(",") if args.shapes else ([] if args.model or tiny else list(DEFAULT_SHAPES))
     unknown = [s for s in shapes if s not in SHAPES]
-    bad_phase = [p for p in args.phases if p not in ("decode", "update")]
-    if unknown or bad_phase or args.new_tokens < 2 or min(args.rows) < 1:
+    bad_phase = [p for p in args.phases if p not in ("decode", "prefill", "update")]
+    args.prefill_lengths = tuple(int(x) for x in (args.prefill_lengths or ("6,20" if tiny else "105,270")).split(","))
+    lo, hi = args.prefill_lengths
+    if unknown or bad_phase or args.new_tokens < 2 or min(args.rows) < 1 or not 1 <= lo <= hi:
         ap.error(f"unknown shape(s) {unknown}" if unknown else f"unknown phase(s) {bad_phase}" if bad_phase
-                 else "--new-tokens must be >= 2 and --rows >= 1")
+                 else "--new-tokens must be >= 2, --rows >= 1 and --prefill-lengths 1 <= MIN <= MAX")
     missing = [m for m in args.model if not (Path(m) / "config.json").is_file()]
     if missing:
         ap.error(f"--model {missing[0]}: no config.json there; give a model folder")
@@ -447,9 +491,11 @@ def measure(name: str, spec: dict | None, folder: str | None, configs: list[str]
     model = shape_model(spec, torch.bfloat16 if device == "cuda" else torch.float32, device) if spec else load_model(folder, "auto", device)
     s = Shape.of(model)
     say(f"{name}: {s.layer_params / 1e6:.1f}M layer + {s.vocab * s.hidden / 1e6:.1f}M lm_head parameters")
-    if "decode" in args.phases:
+    for phase, case_fn in (("decode", decode_case), ("prefill", prefill_case)):
+        if phase not in args.phases:
+            continue
         for rows in args.rows:
-            record(name, "decode", rows, partial(decode_case, model, s, rows, args))
+            record(name, phase, rows, partial(case_fn, model, s, rows, args))
             gc.collect()  # the engine (its KV cache, graphs) goes
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -42,7 +42,8 @@ def test_rows_start_snapshot_and_compact():
     rows.next[:4] = torch.tensor([5, 6, 7, 8])
     rows.compact(torch.tensor([2, 0]))
     assert rows.tokens[:2].tolist() == [3, 1] and rows.pos[:2].tolist() == [30, 10]
-    assert rows.done.tolist() == [False, False, True, True, True, True]  # the slots after the kept rows are finished
+    assert rows.done.tolist() == [False, False, True, True, True, True]  # the slots after the kept rows are finished,
+    assert rows.pos[2:].tolist() == [0, 0, 0, 0]  # at position 0: their attention reads one token
     assert rows.next[:4].tolist() == [5, 6, 7, 8]  # outputs are not state: the next step rewrites them
 
 

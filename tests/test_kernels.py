@@ -1,5 +1,6 @@
 """The decode kernels' PyTorch references (what CPU runs; bench/kernel_checks.py checks the Triton kernels
-against them on GPU): attention over each row's own length, and exact top-p sampling without a sort."""
+against them on GPU): attention over each row's own length, exact top-p sampling without a sort, and the
+rows' bookkeeping after a step."""
 
 import math
 
@@ -78,3 +79,17 @@ def test_decode_attention_ref_reads_each_rows_own_length():
             k, v = kc[r, kv, : lens[r]], vc[r, kv, : lens[r]]
             want = torch.softmax(k @ q[r, head] * 0.3, 0) @ v
             assert torch.allclose(out[r, head], want, atol=1e-5)
+
+
+def test_advance_rows_ref_feeds_tokens_on_and_sends_finished_rows_to_position_0():
+    """A live row feeds its token one position on (at most max_pos); a row that samples EOS emits it and
+    finishes; a finished row emits padding with log-prob 0; every finished row goes to position 0, so
+    its attention reads one token until the host compacts it away."""
+    nxt, logp = torch.tensor([5, 7, 6, 4]), torch.tensor([-0.5, -0.25, -1.0, -2.0])
+    done = torch.tensor([False, False, True, False])
+    tokens, pos = torch.zeros(4, dtype=torch.long), torch.tensor([10, 11, 12, 63])
+    next_out, logp_out = torch.zeros(4, dtype=torch.long), torch.zeros(4)
+    kernels.advance_rows_ref(nxt, logp, done, tokens, pos, next_out, logp_out, torch.tensor([7, 9]), pad=0, max_pos=63)
+    assert next_out.tolist() == [5, 7, 0, 4] and logp_out.tolist() == [-0.5, -0.25, 0.0, -2.0]
+    assert done.tolist() == [False, True, True, False] and tokens.tolist() == [5, 7, 0, 4]
+    assert pos.tolist() == [11, 0, 0, 63]

@@ -24,7 +24,7 @@ class CountingDecoder:
     n_layers, n_kv, head_dim, dtype, device = 1, 1, 1, torch.float32, torch.device("cpu")
 
     def __init__(self):
-        self.prefills, self.steps = [], []
+        self.prefills, self.widths, self.steps = [], [], []
 
     @staticmethod
     def _logits(tok):
@@ -33,6 +33,7 @@ class CountingDecoder:
     def prefill(self, ids, lens, dest, caches_flat):
         k, v = caches_flat
         self.prefills.append(ids.shape[0])
+        self.widths.append(ids.shape[1])
         for cache in (k, v):
             cache[dest.reshape(-1), 0, :ids.shape[1], 0] = ids.float().repeat_interleave(dest.shape[1], 0)
         return self._logits((ids[:, 0] + lens) % M)
@@ -89,13 +90,15 @@ def test_greedy_wave_with_groups_eos_and_compaction():
 
 
 @torch.inference_mode()
-def test_prefill_in_chunks_and_a_cache_reused_while_it_fits():
+def test_prefill_shortest_first_in_chunks_and_a_cache_reused_while_it_fits():
     dec = CountingDecoder()
     sch = scheduler(dec, prefill_tokens=12)
     prompts = counting_prompts([3, 9, 5, 2, 6], [1, 4, 20, 27, 3])
     out = sch.wave(prompts, SamplingParams(max_new_tokens=5), offset=0)
     assert [c.token_ids for c in out] == [expected(p, 5) for p in prompts]
-    assert dec.prefills == [1, 1, 2, 1]  # padded chunks within 12 tokens: (3), (9), (5, 2), (6)
+    # Shortest first, in padded chunks within 12 tokens: (2, 3), (5, 6), (9); each row's tokens above
+    # follow from its own prompt's cache, so the logits and cache rows went back to the prompts' order.
+    assert dec.prefills == [2, 2, 1] and dec.widths == [3, 6, 9]
     kv = sch.kv
     sch.wave(prompts[:2], SamplingParams(max_new_tokens=5), offset=0)
     assert sch.kv is kv  # a smaller call reuses the cache
@@ -138,10 +141,11 @@ def test_finished_rows_emit_padding_and_never_count():
 class FakeCudaGraphs:
     """CUDA's stream and graph calls as the scheduler makes them, on the CPU: a "capture" records the
     decode step it runs and a replay runs that step again on the buffers as they are then, as a real
-    graph replays its kernels. Counts the streams made; records each capture's (rows, span)."""
+    graph replays its kernels. Counts the streams made and the steps run eagerly (warm-ups); records
+    each capture's (rows, span)."""
 
     def __init__(self, monkeypatch, sch: Scheduler):
-        self.streams, self.captured, self.recording = 0, [], None
+        self.streams, self.eager, self.captured, self.recording, self.replaying = 0, 0, [], None, False
         stream = type("Stream", (), {"wait_stream": lambda self, other: None})
         fakes = self
 
@@ -154,7 +158,9 @@ class FakeCudaGraphs:
                 fakes.captured.append(self.step[1:])
 
             def replay(self):
+                fakes.replaying = True
                 decode(*self.step)
+                fakes.replaying = False
 
         def new_stream():
             self.streams += 1
@@ -165,6 +171,8 @@ class FakeCudaGraphs:
         def recorded(spec, n, span):
             if self.recording is not None:
                 self.recording.step = (spec, n, span)
+            elif not self.replaying:
+                self.eager += 1
             decode(spec, n, span)
 
         sch.use_graphs = True
@@ -174,14 +182,17 @@ class FakeCudaGraphs:
             monkeypatch.setattr(torch.cuda, name, fake)
 
 
+@pytest.mark.parametrize("loads_in_capture", [True, False])
 @torch.inference_mode()
-def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(monkeypatch):
+def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(monkeypatch, loads_in_capture):
     """The captured path (snapshot, warm-up, capture, restore, replay) gives the tokens of the plain
     one; a wave captures once per row bucket it runs at, each graph attending to the whole cache (the
     attended span grows past 64 here, which cost a capture of its own when graphs were keyed by it);
-    and every capture of the scheduler's life warms up on one side stream: cuBLAS keeps a workspace
-    for each stream it ran on, so a stream per capture grew the memory held by 0.16 GiB a rollout
-    on the 8B shape, where each rollout captures again (issue 26)."""
+    every capture of the scheduler's life runs on one side stream: cuBLAS keeps a workspace for each
+    stream it ran on, so a stream per capture grew the memory held by 0.16 GiB a rollout on the 8B
+    shape, where each rollout captures again (issue 26). The step warms up eagerly once in the
+    scheduler's life where the driver loads kernels inside a capture, before every capture elsewhere."""
+    monkeypatch.setattr("posttrain.engine.scheduler.driver_loads_kernels_in_capture", lambda: loads_in_capture)
     prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
     eos_stops = SamplingParams(max_new_tokens=70, n=2)  # rows finish at EOS: compaction to smaller row buckets
     long = SamplingParams(max_new_tokens=70, n=2, ignore_eos=True)  # every row runs 70 steps: the plain path's span goes 64 -> 128
@@ -189,6 +200,7 @@ def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(m
         want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
         assert max(map(len, want)) == (70 if params is long else 26)
         sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
+        sch.graph_min_rows = 1  # buckets of 8, 4 and 2 rows
         cuda = FakeCudaGraphs(monkeypatch, sch)
         steps = []
         monkeypatch.setattr(sch.decoder, "step", lambda tokens, *a, f=sch.decoder.step, steps=steps: steps.append(len(tokens)) or f(tokens, *a))
@@ -200,6 +212,21 @@ def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(m
             assert {span for _, span in cuda.captured} == {sch.kv.max_len} and sch.kv.max_len > 64
             sch.release()
         assert len(rows) == (1 if params is long else 3) and sch.captures == 2 * len(rows) and cuda.streams == 1
+        assert cuda.eager == (1 if loads_in_capture else sch.captures)
+
+
+@torch.inference_mode()
+def test_graphs_run_at_least_the_minimum_rows_the_cache_holds(monkeypatch):
+    """With graphs, a step runs on at least ``graph_min_rows`` rows (finished rows as padding), never more
+    than the cache holds; the tokens are the plain path's."""
+    prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
+    params = SamplingParams(max_new_tokens=30, n=2)  # 8 rows, finishing at EOS
+    want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
+    for batch_size, rows in ((64, [32]), (8, [8])):
+        sch = scheduler(CountingDecoder(), eos=[7], batch_size=batch_size, sync_every=1)
+        cuda = FakeCudaGraphs(monkeypatch, sch)
+        assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
+        assert sch.kv.rows == batch_size and sorted({n for n, _ in cuda.captured}) == rows
 
 
 @torch.inference_mode()

@@ -92,12 +92,14 @@ class Rows:
             getattr(self, name)[:n].copy_(saved)
 
     def compact(self, keep: torch.Tensor) -> None:
-        """Move rows ``keep`` to the front; the rows after them are marked finished."""
+        """Move rows ``keep`` to the front; the rows after them are marked finished, at position 0 (a
+        finished row's attention reads one token)."""
         n = len(keep)
         for name in self.MUTATED:
             t = getattr(self, name)
             t[:n] = t[keep]
         self.done[n:] = True
+        self.pos[n:] = 0
 
 
 @dataclass(eq=False)

@@ -134,14 +134,16 @@ def greedy_ref(logits: torch.Tensor):
 def advance_rows_ref(nxt, logp, done, tokens, pos, next_out, logp_out, eos, pad: int, max_pos: int) -> None:
     """After sampling ``nxt``/``logp`` [n] for rows [0, n): a finished row emits ``pad`` and log-prob 0
     (into ``next_out``/``logp_out``), a row that sampled one of ``eos`` finishes (``done``), every row
-    feeds its token next (``tokens``) one position on (``pos``, at most ``max_pos``). In place."""
+    feeds its token next (``tokens``) one position on (``pos``, at most ``max_pos``), except a finished
+    row, which goes back to position 0: its attention then reads one token, not its whole length, until
+    the host compacts it away (up to a row bucket's worth of rows between compactions). In place."""
     nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
     next_out.copy_(nxt)
     logp_out.copy_(torch.where(done, torch.zeros_like(logp), logp))
     if eos.numel():
         done |= (nxt[:, None] == eos[None]).any(-1)
     tokens.copy_(nxt)
-    pos.add_(1).clamp_(max=max_pos)
+    pos.add_(1).clamp_(max=max_pos).masked_fill_(done, 0)
 
 
 def sample_ref(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor):
@@ -440,7 +442,7 @@ if triton is not None:
             done = done | (nxt == tl.load(Eos + e))
         tl.store(Done + i, done, mask=m)
         tl.store(Tokens + i, nxt, mask=m)
-        tl.store(Pos + i, tl.minimum(tl.load(Pos + i, mask=m, other=0) + 1, max_pos), mask=m)
+        tl.store(Pos + i, tl.where(done, 0, tl.minimum(tl.load(Pos + i, mask=m, other=0) + 1, max_pos)), mask=m)
 
     @triton.jit
     def _add_rms_norm_kernel(H, Delta, W, Hout, Out, s_h, s_d, s_ho, s_o, D, eps,
