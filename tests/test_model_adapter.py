@@ -34,11 +34,20 @@ def _logits_by_hand(adapter, model, prompts, new_tokens):
 
 @pytest.mark.parametrize("merge", [True, False])
 @torch.inference_mode()
-def test_prefill_and_steps_give_the_models_logits(tiny_tokenizer, merge):
+def test_prefill_and_steps_give_the_models_logits(tiny_tokenizer, merge, monkeypatch):
+    from posttrain.engine import kernels
+
     model = make_tiny_model(len(tiny_tokenizer))
     adapter = ModelAdapter(model, merge_weights=merge)
     adapter.build_weights()
-    assert adapter.fused is merge  # a Llama with merged weights decodes on the fused kernels
+    assert adapter.fused is merge  # a Llama with merged weights prefills and decodes on the fused kernels
+    norms = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a: norms.append(a[0].shape[0]) or real(*a))
+    kv = KVCache.allocate(adapter.n_layers, 2, adapter.n_kv, 64, adapter.head_dim, adapter.dtype, "cpu")
+    adapter.prefill(torch.tensor([[5, 9, 17], [7, 0, 0]]), torch.tensor([3, 1]), torch.arange(2)[:, None], kv.flat)
+    # Every position of the padded prompts, through each layer's two norms and the final one:
+    assert norms == ([2 * 3] * (2 * adapter.n_layers + 1) if merge else [])
     assert (adapter.weights is not None) is merge
     prompts = [[5, 9, 17, 3, 44, 8], [7, 7, 120], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
     got, want = _logits_by_hand(adapter, model, prompts, [[11, 12, 13], [40, 50, 60], [3, 2, 1]])

@@ -146,8 +146,9 @@ class FakeCudaGraphs:
 
     def __init__(self, monkeypatch, sch: Scheduler):
         self.streams, self.eager, self.captured, self.recording, self.replaying = 0, 0, [], None, False
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        self.idle = True  # what a stream's ``query`` answers: the GPU has done all the work queued
         fakes = self
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None, "query": lambda self: fakes.idle})
 
         class Graph:
             def capture_begin(self, pool=None):
@@ -230,6 +231,26 @@ def test_graphs_run_at_least_the_minimum_rows_the_cache_holds(monkeypatch):
 
 
 @torch.inference_mode()
+def test_graphs_are_captured_ahead_while_the_gpu_runs_the_prefill(monkeypatch):
+    """While the GPU is busy with the prefill, the wave captures every graph it may step on, largest
+    first, before its first step; none is captured later, and the tokens are the plain path's. Once the
+    GPU is idle, nothing is captured ahead (the other test: one capture per bucket stepped on)."""
+    prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
+    params = SamplingParams(max_new_tokens=70, n=2)
+    want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
+    sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
+    sch.graph_min_rows = 1
+    cuda = FakeCudaGraphs(monkeypatch, sch)
+    cuda.idle = False
+    order = []
+    step = sch.step
+    monkeypatch.setattr(sch, "step", lambda spec, n, span: order.append(("step", len(cuda.captured))) or step(spec, n, span))
+    assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
+    assert [n for n, _ in cuda.captured] == [8, 4, 2, 1]  # every bucket of 8 rows or fewer, largest first
+    assert {k for _, k in order} == {4}  # all of them before the first step, none after
+
+
+@torch.inference_mode()
 def test_kv_bytes_is_what_the_call_allocates_and_nothing_once_the_cache_fits():
     """What ``kv_bytes`` foresees for a call (its waves' KV cache: the batch's rows, the longest prompt
     and its completion) is what the call allocates; 0 once the cache held fits (``auto`` weighs it)."""
@@ -241,3 +262,18 @@ def test_kv_bytes_is_what_the_call_allocates_and_nothing_once_the_cache_fits():
     assert foreseen == sum(t.numel() * t.element_size() for t in sch.kv.flat) > 0
     assert sch.kv_bytes(prompts, params) == 0 and sch.kv_bytes([], params) == 0
     assert sch.kv_bytes(counting_prompts([200], [1]), params) > 0  # a longer prompt needs a new cache
+
+
+def test_row_buckets_past_1024_are_multiples_of_256_and_the_cache_holds_the_batch_exactly():
+    """Past the last bucket a row count rounds up to a multiple of 256 (not a graph per count), the cache
+    holds the batch's rows and no padding rows, and a step never runs on more rows than the cache holds."""
+    from types import SimpleNamespace
+
+    from posttrain.engine.scheduler import rows_bucket
+
+    assert [rows_bucket(n) for n in (1, 20, 33, 1024, 1025, 1319, 1536, 1537)] == [1, 24, 48, 1024, 1280, 1536, 1536, 1792]
+    sch = Scheduler(CountingDecoder(), StubTok(), [], 1319, use_graphs=True)
+    assert sch.shape(1319, 10, SamplingParams(max_new_tokens=5)) == (1319, 64)
+    assert sch.shape(100, 10, SamplingParams(max_new_tokens=5))[0] == 1319  # graphs: at least the batch
+    sch.kv = SimpleNamespace(rows=1319)
+    assert [sch.step_rows(n) for n in (1319, 1300, 1280, 1200, 1024, 700, 40, 3)] == [1319, 1319, 1280, 1280, 1024, 768, 48, 32]
