@@ -11,10 +11,9 @@
   capture every ``SPAN_STEP`` tokens at each row count). Graphs are not made for fewer than
   ``GRAPH_MIN_ROWS`` rows: a step that small costs what it costs at that many (Qwen2.5-0.5B's shape on
   an H200: 1.05 ms at 1 row, 1.06 at 32; a finished row's attention reads one token), so smaller
-  buckets would only add captures. The graphs a wave may need are captured while the GPU runs its
-  prefill (``capture_ahead``), and the step warms up eagerly only once (``_capture``). Without graphs
-  (CPU) the attended span is rounded up to ``SPAN_STEP`` from the longest live row, since the
-  reference attention reads all of it.
+  buckets would only add captures; the step warms up eagerly only before its first (``_capture``).
+  Without graphs (CPU) the attended span is rounded up to ``SPAN_STEP`` from the longest live row,
+  since the reference attention reads all of it.
 * A prefill runs the prompts shortest first, so each chunk pads to a length close to its prompts'
   (GSM8K's 1319 chat prompts for Qwen2.5: 3.7% padding where the dataset's order padded 32.5%).
 * Sampling (greedy, temperature, top-p) happens on the device with no host synchronisation per step
@@ -141,19 +140,6 @@ class Scheduler:
             return n_live
         return min(max(rows_bucket(n_live), self.graph_min_rows), self.kv.rows)
 
-    def capture_ahead(self, spec: StepSpec, n_rows: int) -> None:
-        """Capture the graphs a wave of ``n_rows`` rows may step on, largest first, while the GPU still
-        runs the prefill: a capture is host work (the step's launches recorded, 20-35 ms at GSM8K's
-        1319 rows on an H200), which would otherwise wait for each compaction. Stops once the GPU has
-        caught up; a graph not captured by then is captured when first needed."""
-        sizes = sorted({self.step_rows(m) for m in range(1, n_rows + 1)}, reverse=True)
-        for n in sizes:
-            if (n, spec.graph_key) in self._graphs:
-                continue
-            if torch.cuda.current_stream().query():  # the prefill is done: the host has no time to fill
-                return
-            self._graphs[(n, spec.graph_key)] = self._capture(spec, n)
-
     def step(self, spec: StepSpec, n: int, span: int) -> None:
         """``decode``, on CUDA as the replay of a graph captured once per (rows, sampling), which
         attends to the whole cache (``span`` is for the plain path)."""
@@ -248,7 +234,7 @@ class Scheduler:
         group); return the last-position logits [P, V] (fp32)."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # shortest first: little padding
         ordered = [prompts[i] for i in order]
-        dest = rows[torch.tensor(order).to(rows.device)]
+        dest = rows[self._to_device(torch.tensor(order))]
         out = []
         for start, stop in padded_chunks([len(p) for p in ordered], self.prefill_tokens):
             chunk = ordered[start:stop]
@@ -259,7 +245,7 @@ class Scheduler:
             lens = self._to_device(torch.tensor([len(p) for p in chunk]))
             with sdpa_backends():
                 out.append(self.decoder.prefill(ids, lens, dest[start:stop], self.kv.flat))
-        return torch.cat(out)[torch.argsort(torch.tensor(order)).to(self.device)]  # back to the prompts' order
+        return torch.cat(out)[self._to_device(torch.argsort(torch.tensor(order)))]  # back to the prompts' order, not waiting
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -281,8 +267,6 @@ class Scheduler:
         self.rows.start(first, lens, spec.eos, spec.pad)
         steps = params.max_new_tokens
         wave = Wave.start(first, first_lp, lens, steps, longest)
-        if self.use_graphs:
-            self.capture_ahead(spec, n_rows)
         if self.on_first_token is not None:
             self.on_first_token(first)
         while wave.t < steps:
