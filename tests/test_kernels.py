@@ -93,3 +93,24 @@ def test_advance_rows_ref_feeds_tokens_on_and_sends_finished_rows_to_position_0(
     assert next_out.tolist() == [5, 7, 0, 4] and logp_out.tolist() == [-0.5, -0.25, 0.0, -2.0]
     assert done.tolist() == [False, True, True, False] and tokens.tolist() == [5, 7, 0, 4]
     assert pos.tolist() == [11, 0, 0, 63]
+
+
+def test_tritons_cache_key_is_hashed_in_a_background_thread_only_with_a_gpu(monkeypatch):
+    """With Triton and a GPU, Triton's once-a-process cache key is computed in a daemon thread (its first
+    launch would hash Triton's library on the way to the first token); without a GPU nothing starts."""
+    import sys
+    import threading
+    import types
+
+    assert kernels.hash_triton_in_background() is None  # the CPU: no GPU
+    ran = []
+    cache = types.ModuleType("triton.runtime.cache")
+    cache.triton_key = lambda: ran.append(threading.current_thread().name)
+    for name, module in (("triton", types.ModuleType("triton")), ("triton.runtime", types.ModuleType("triton.runtime")),
+                         ("triton.runtime.cache", cache)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "triton", sys.modules["triton"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    thread = kernels.hash_triton_in_background()
+    thread.join(5)
+    assert thread.daemon and ran == ["posttrain-triton-key"]

@@ -221,11 +221,13 @@ class EvalConfig(LoadOptions, StageOptions):
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> EvalResult:
     """Load (unless given) the model, evaluate ``cfg.task``, save to ``cfg.output`` if set."""
-    from posttrain.engine import load_model, load_tokenizer, make_engine
+    from posttrain.engine import kernels, load_model, load_tokenizer, make_engine
     from posttrain.engine.registry import trained_on
     from posttrain.tasks import check_contamination, make_task
 
     phases = {"imports_and_setup": process_age_s()}  # process age at each phase's end
+    if cfg.device != "cpu":
+        kernels.hash_triton_in_background()  # while the tokenizer and the model load
     if cfg.output:  # before any work: the results may be written there (they are, once complete)
         RunDir(cfg.output, "eval").check(rerun=True, expect=OUTPUTS)
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, fewshot=cfg.fewshot, data_dir=cfg.data_dir)

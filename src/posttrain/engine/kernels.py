@@ -41,6 +41,8 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +74,24 @@ def uniforms_per_row(top_p: float) -> int:
 
 def triton_ready(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
+
+
+def hash_triton_in_background() -> threading.Thread | None:
+    """Start Triton's once-a-process cache key in a background thread, where Triton and a GPU are there.
+
+    A process's first Triton launch hashes Triton's own files, its 415 MB compiler library among them
+    (``triton.runtime.cache.triton_key``, cached for the process): 0.4-0.8 s that the first token of
+    ``posttrain eval`` waited for. hashlib lets go of the GIL while it hashes, so from a thread this runs
+    beside the loading that comes before the first kernel. None when there is nothing to do."""
+    if triton is None or not torch.cuda.is_available():
+        return None
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # pragma: no cover - another Triton: its first launch hashes as before
+        return None
+    thread = threading.Thread(target=triton_key, name="posttrain-triton-key", daemon=True)
+    thread.start()
+    return thread
 
 
 # ------------------------------------------------------------------------------- references --

@@ -374,13 +374,15 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
 # -------------------------------------------------------------------------------------- training --
 def train(cfg: RLConfig) -> dict:
     """Run RL; returns the final metrics. Writes everything under ``cfg.output``."""
-    from posttrain.engine import SamplingParams, make_engine
+    from posttrain.engine import SamplingParams, kernels, make_engine
     from posttrain.engine.models import load_tokenizer
 
     run = TrainingRun(cfg, "rl")
     if run.done is not None:
         return run.done
     seed_everything(cfg.seed + run.rank)
+    if run.device.type == "cuda":
+        kernels.hash_triton_in_background()  # while the data and the models load
 
     # -- data, rewards, models, optimizer, the run's one engine
     task = make_task(cfg.task, prompt_style=cfg.prompt_style, data_dir=cfg.data_dir)
