@@ -1,6 +1,7 @@
 """The CUDA graphs a GSM8K evaluation captures: for each, its rows, the host time the capture took
 (ms) and the decode step of the wave it was captured at; then the same evaluation again on the same
-engine with its graphs dropped (every kernel loaded, so a capture is only the step's launches).
+engine with its graphs dropped (every kernel loaded and, where the driver allows, no warm-up: a
+capture is then the step's launches recorded).
 
     python bench/eval_graphs.py --model DIR --data-dir DIR [--label NAME]
 

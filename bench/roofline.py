@@ -3,7 +3,7 @@ time they allow at the device's memory bandwidth and dense bf16 rate, the achiev
 
     python bench/roofline.py --json bench/results/roofline_h200_DATE.json            # all shapes x rows
     python bench/roofline.py --shapes qwen2.5-coder-0.5b --rows 256 --phases decode  # one case
-    python bench/roofline.py --shapes qwen2.5-coder-0.5b --rows 1319 --phases prefill # GSM8K's test set at once
+    python bench/roofline.py --shapes qwen2.5-coder-0.5b --rows 1319 --phases prefill # 1319 prompts at once
     python bench/roofline.py --model /models/qwen2.5-coder-0.5b-instruct             # a real model folder
     python bench/roofline.py --tiny                                                  # CPU smoke run
 
@@ -19,8 +19,9 @@ model folders. Per shape:
   difference, per step, is the decode steps' kernels without the prefill.
 * prefill, at each row count: the engine's ``generate`` of one token for that many random prompts whose
   lengths are spread evenly over ``--prefill-lengths`` (default 105-270 tokens: the span of GSM8K's test
-  problems as Qwen2.5's chat prompts, mean 143), after one warm-up call; the "step" is the whole call
-  (the prefill in its chunks and the first token), timed three times, profiled once.
+  problems as Qwen2.5's chat prompts; evenly spread they average 187.5 tokens, where GSM8K's average 143),
+  after one warm-up call; the "step" is the whole call (the prefill in its chunks and the first token),
+  timed three times, profiled once.
 * update: the trainer's update path on a batch of its GRPO config's shape (configs/grpo_smollm2.yaml:
   64 completions, full fine-tuning; bench/grpo_1b_shape.yaml for the 1B shape: LoRA, KL to the
   adapter-less reference): ``load_policy``, ``build_optimizer``, then per step ``rl.fill_logprobs``,
@@ -224,7 +225,8 @@ def prefill_cost(s: Shape, lengths: list[int], chunks: int) -> dict:
     (padding is work the achieved time pays, not the floor), the lm_head at each prompt's last position."""
     tokens = sum(lengths)
     flops = 2 * s.layer_params * tokens + 2 * s.vocab * s.hidden * len(lengths) + 2 * s.layers * s.heads * s.head_dim * sum(n * n for n in lengths)
-    terms = {"weights": chunks * s.matmul_params * s.elt, "kv_write": tokens * s.kv_bytes_per_token, "logits": 4 * len(lengths) * s.vocab}
+    terms = {"weights": chunks * s.matmul_params * s.elt + tokens * s.hidden * s.elt, "kv_write": tokens * s.kv_bytes_per_token,
+             "logits": 4 * len(lengths) * s.vocab}
     return {"tokens": tokens, "chunks": chunks, "flops": flops, "bytes": sum(terms.values()), "bytes_terms": terms}
 
 
@@ -384,7 +386,7 @@ def print_table(result: dict) -> None:
     print("ms per step; decode: rows x mean context, tok/s = rows / step, gen tok/s = the whole generate call (prefill included);"
           "\nprefill: prompts x mean length, the step = the whole call; update: completions x (prompt + completion);"
           " tok/s = tokens through the layers / step")
-    head = (f"{'phase':6} {'shape':20} {'rows':>8} {'ctx':>5} {'GB/step':>8} {'GFLOP':>8} {'floorBW':>8} {'floorFL':>8} "
+    head = (f"{'phase':7} {'shape':20} {'rows':>8} {'ctx':>5} {'GB/step':>8} {'GFLOP':>8} {'floorBW':>8} {'floorFL':>8} "
             f"{'achieved':>9} {'%floor':>7} {'bound':>7} {'tok/s':>9} {'gen tok/s':>9}")
     print(head)
     print("-" * len(head))
@@ -394,17 +396,17 @@ def print_table(result: dict) -> None:
         toks = r["decode_tokens_per_s"] if decode else r["tokens"] / r["achieved_ms"] * 1e3
         gen = _n(r["tokens_per_s"]) if decode else "-"
         pct = "-" if r["pct_of_floor"] is None else f"{r['pct_of_floor']:.3g}%"
-        print(f"{r['phase']:6} {r['shape'][:20]:20} {_rows(r):>8} {ctx:>5} {r['bytes'] / 1e9:8.3f} {r['flops'] / 1e9:8.1f} "
+        print(f"{r['phase']:7} {r['shape'][:20]:20} {_rows(r):>8} {ctx:>5} {r['bytes'] / 1e9:8.3f} {r['flops'] / 1e9:8.1f} "
               f"{_ms(r['floor_bandwidth_ms']):>8} {_ms(r['floor_flops_ms']):>8} {_ms(r['achieved_ms']):>9} {pct:>7} "
               f"{r['bound'] or '-':>7} {_n(toks):>9} {gen:>9}")
     print("\nwhere the time goes: % of the achieved step (ms in the JSON); gaps = achieved - device busy; kernels per step")
-    head = f"{'phase':6} {'shape':20} {'rows':>8} " + " ".join(f"{LABELS[c]:>7}" for c in CATEGORIES) + f" {'gaps':>7} {'kernels':>8}"
+    head = f"{'phase':7} {'shape':20} {'rows':>8} " + " ".join(f"{LABELS[c]:>7}" for c in CATEGORIES) + f" {'gaps':>7} {'kernels':>8}"
     print(head)
     print("-" * len(head))
     for r in result["cases"]:
         by, a = r["profile"]["by_category_ms"], r["achieved_ms"]
         cells = " ".join(f"{100 * max(0.0, by[c]) / a:6.1f}%" for c in CATEGORIES)
-        print(f"{r['phase']:6} {r['shape'][:20]:20} {_rows(r):>8} {cells} {100 * r['host_gaps_ms'] / a:6.1f}% {r['profile']['kernels']:8.0f}")
+        print(f"{r['phase']:7} {r['shape'][:20]:20} {_rows(r):>8} {cells} {100 * r['host_gaps_ms'] / a:6.1f}% {r['profile']['kernels']:8.0f}")
 
 
 def meta(args) -> dict:
@@ -432,7 +434,7 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", help=f"comma-separated, of {', '.join(sorted(SHAPES))} (default: {','.join(DEFAULT_SHAPES)}, "
                                      "or none when --model is given)")
     ap.add_argument("--model", action="append", default=[], help="a real model folder (repeatable), measured after the shapes")
-    ap.add_argument("--rows", help="decode row counts, comma-separated (default 64,256,1319)")
+    ap.add_argument("--rows", help="decode and prefill row counts, comma-separated (default 64,256,1319)")
     ap.add_argument("--phases", default="decode,update", help="comma-separated, of decode, prefill, update")
     ap.add_argument("--prefill-lengths", help="prefill prompt lengths MIN,MAX (default 105,270)")
     ap.add_argument("--new-tokens", type=int, help="decode steps per timed generate call (default 256)")
@@ -459,8 +461,11 @@ def parse_args(argv=None):
     shapes = args.shapes.split(",") if args.shapes else ([] if args.model or tiny else list(DEFAULT_SHAPES))
     unknown = [s for s in shapes if s not in SHAPES]
     bad_phase = [p for p in args.phases if p not in ("decode", "prefill", "update")]
-    args.prefill_lengths = tuple(int(x) for x in (args.prefill_lengths or ("6,20" if tiny else "105,270")).split(","))
-    lo, hi = args.prefill_lengths
+    try:
+        lo, hi = (int(x) for x in (args.prefill_lengths or ("6,20" if tiny else "105,270")).split(","))
+    except ValueError:
+        ap.error(f"--prefill-lengths {args.prefill_lengths}: give MIN,MAX, two whole numbers")
+    args.prefill_lengths = (lo, hi)
     if unknown or bad_phase or args.new_tokens < 2 or min(args.rows) < 1 or not 1 <= lo <= hi:
         ap.error(f"unknown shape(s) {unknown}" if unknown else f"unknown phase(s) {bad_phase}" if bad_phase
                  else "--new-tokens must be >= 2, --rows >= 1 and --prefill-lengths 1 <= MIN <= MAX")
@@ -486,7 +491,8 @@ def cases(args) -> list[tuple[str, dict | None, str | None, list[str]]]:
 
 
 def measure(name: str, spec: dict | None, folder: str | None, configs: list[str], args, record) -> None:
-    """Every decode row count, then every update config, of one model (random weights of ``spec``, or ``folder``)."""
+    """Every decode row count, every prefill row count, then every update config, of one model (random
+    weights of ``spec``, or ``folder``)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = shape_model(spec, torch.bfloat16 if device == "cuda" else torch.float32, device) if spec else load_model(folder, "auto", device)
     s = Shape.of(model)

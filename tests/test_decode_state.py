@@ -84,3 +84,6 @@ def test_wave_stop_hits_are_remembered():
     seen.clear()
     assert wave.stop_hits(decode, ["2"]).tolist() == [False, True]
     assert seen == [[1, 5]]  # a row already stopped is not decoded again
+    seen.clear()
+    assert wave.stop_hits(decode, ["5"], finished=torch.tensor([True, False])).tolist() == [False, True]
+    assert seen == []  # a row finished at EOS is not decoded either: it ends whatever its text holds

@@ -216,6 +216,32 @@ def test_graph_captures_give_the_same_tokens_once_per_row_bucket_on_one_stream(m
 
 
 @torch.inference_mode()
+def test_a_capture_that_fails_without_its_warm_up_is_made_again_after_one(monkeypatch):
+    """Where the driver loads kernels inside a capture, later captures skip the warm-up; one that fails
+    anyway (e.g. a kernel compiled for its row count that will not load inside it) is made again after
+    a warm-up, and the tokens are the plain path's."""
+    monkeypatch.setattr("posttrain.engine.scheduler.driver_loads_kernels_in_capture", lambda: True)
+    prompts = counting_prompts([3, 9, 5, 2], [1, 4, 20, 27])
+    params = SamplingParams(max_new_tokens=70, n=2)
+    want = [c.token_ids for c in scheduler(CountingDecoder(), eos=[7], sync_every=1).wave(prompts, params, offset=0)]
+    sch = scheduler(CountingDecoder(), eos=[7], sync_every=1)
+    sch.graph_min_rows = 1
+    cuda = FakeCudaGraphs(monkeypatch, sch)
+    step, failed = sch.decoder.step, []
+
+    def refuses_in_capture(tokens, *a):
+        if cuda.recording is not None and len(tokens) == 4 and not failed:
+            failed.append(cuda.eager)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return step(tokens, *a)
+
+    monkeypatch.setattr(sch.decoder, "step", refuses_in_capture)
+    assert [c.token_ids for c in sch.wave(prompts, params, offset=0)] == want
+    assert failed == [1]  # the 4-row capture failed after the first capture's warm-up alone
+    assert sorted({n for n, _ in cuda.captured}) == [2, 4, 8] and cuda.eager == 2  # made again after a warm-up
+
+
+@torch.inference_mode()
 def test_graphs_run_at_least_the_minimum_rows_the_cache_holds(monkeypatch):
     """With graphs, a step runs on at least ``graph_min_rows`` rows (finished rows as padding), never more
     than the cache holds; the tokens are the plain path's."""

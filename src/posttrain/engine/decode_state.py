@@ -154,13 +154,17 @@ class Wave:
         self.logps[self.live, self.t] = rows.logp[:n]
         self.t += 1
 
-    def stop_hits(self, decode, stop: list[str]) -> torch.Tensor:
+    def stop_hits(self, decode, stop: list[str], finished: torch.Tensor | None = None) -> torch.Tensor:
         """Per live slot (on the device of the outputs): its text so far (``decode(token ids)``)
-        holds a stop string, now or at an earlier check."""
+        holds a stop string, now or at an earlier check. Slots already ``finished`` (at EOS) are not
+        decoded: they end whatever their text holds."""
         rows = self.live.tolist()
         toks = self.tokens[self.live, :self.t].tolist()
+        skip = finished.tolist() if finished is not None else [False] * len(rows)
         hits = torch.zeros(len(rows), dtype=torch.bool)
         for i, (r, seq) in enumerate(zip(rows, toks)):
+            if skip[i]:
+                continue
             if self.stop_hit[r]:
                 hits[i] = True
                 continue

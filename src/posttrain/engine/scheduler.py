@@ -9,9 +9,10 @@
   attends to the whole cache span: its attention kernel reads each row's own length only, so one graph
   serves a wave's every step at that many rows (a graph per attended-length bucket as well cost a
   capture every ``SPAN_STEP`` tokens at each row count). Graphs are not made for fewer than
-  ``GRAPH_MIN_ROWS`` rows: a step that small costs what it costs at that many (Qwen2.5-0.5B's shape on
-  an H200: 1.05 ms at 1 row, 1.06 at 32; a finished row's attention reads one token), so smaller
-  buckets would only add captures; the step warms up eagerly only before its first (``_capture``).
+  ``GRAPH_MIN_ROWS`` rows (or the cache's rows, if fewer): a step that small costs what it costs at that
+  many (Qwen2.5-0.5B's shape on an H200: 1.05 ms at 1 row, 1.06 at 32; a finished row's attention reads
+  one token), so smaller buckets would only add captures. Where the driver allows, only a graph key's
+  first capture warms the step up eagerly (``_capture``).
   Without graphs (CPU) the attended span is rounded up to ``SPAN_STEP`` from the longest live row,
   since the reference attention reads all of it.
 * A prefill runs the prompts shortest first, so each chunk pads to a length close to its prompts'
@@ -156,51 +157,66 @@ class Scheduler:
     def _capture(self, spec: StepSpec, n: int):
         """A CUDA graph of ``decode`` over rows [0, n), attending to the whole cache.
 
-        Warm up on a side stream, then capture. The state a step mutates is snapshot and restored
-        around the warm-up, which runs the step. One side
-        stream for the scheduler's life: cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it
-        has run on, for the process's life, so a new stream per capture grew the memory held by 0.16 GiB
-        a rollout wherever graphs are captured again (issue 26). ``capture_begin``/``capture_end``, not
-        the ``torch.cuda.graph`` context: that one synchronises the device and empties the allocator's
-        caches (device and pinned host) at each capture, which a capture in the middle of a wave does not need."""
+        Captured on a side stream, after an eager warm-up run of the step there (its libraries' handles
+        and workspaces made, its kernels compiled and loaded; the state a step mutates is snapshot and
+        restored around it). The warm-up runs before a graph key's first capture, and before every
+        capture where the driver cannot load a kernel inside one (``driver_loads_kernels_in_capture``)
+        or torch.compile may recompile in it; elsewhere later captures skip it (half a capture's host
+        time), and one that fails anyway (a kernel that would not load inside the capture) is made again
+        after a warm-up. One side stream for the scheduler's life: cuBLAS keeps a workspace (32 MiB on
+        Hopper) for each stream it has run on, for the process's life, so a new stream per capture grew the
+        memory held by 0.16 GiB a rollout wherever graphs are captured again (issue 26).
+        ``capture_begin``/``capture_end``, not the ``torch.cuda.graph`` context: that one synchronises the
+        device and empties the allocator's caches (device and pinned host) at each capture, which a
+        capture in the middle of a wave does not need."""
         t = time.perf_counter()
-        span = self.kv.max_len
-        snap = self.rows.snapshot(n)
         if self._warmup is None:
             self._warmup = torch.cuda.Stream()
+        skip = spec.graph_key in self._warmed and driver_loads_kernels_in_capture() and not getattr(self.decoder, "compiled", False)
+        try:
+            graph = self._record(spec, n, warm_up=not skip)
+        except Exception:
+            if not skip:
+                raise
+            graph = self._record(spec, n, warm_up=True)
+        self._warmed.add(spec.graph_key)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t
+        return graph
+
+    def _record(self, spec: StepSpec, n: int, warm_up: bool):
+        """One capture of ``decode`` over rows [0, n) on the side stream (see ``_capture``); the rows'
+        state is as it was before, whether it succeeds or not."""
+        span = self.kv.max_len
+        snap = self.rows.snapshot(n)
         s = self._warmup
         s.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(s):
-            if spec.graph_key not in self._warmed or not driver_loads_kernels_in_capture():
-                # The step's first eager run on this stream: its libraries' handles and workspaces are made
-                # and its kernels compiled. Later captures at other row counts skip it (half a capture's
-                # time): a kernel variant met first in a capture is loaded there, which drivers for CUDA
-                # 12.3 and later allow.
-                self.decode(spec, n, span)
-                self.rows.restore(snap, n)
-                self._warmed.add(spec.graph_key)
-            graph.capture_begin(pool=self._pool)
-            try:
-                self.decode(spec, n, span)
-            except BaseException:
-                try:  # end the broken capture; the step's own error is the one to report
-                    graph.capture_end()
-                except Exception:
-                    pass
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(s)
-        self.rows.restore(snap, n)  # (a capture records without running; CPU stand-ins in the tests run it)
-        self.captures += 1
-        self.capture_s += time.perf_counter() - t
+        try:
+            with torch.cuda.stream(s):
+                if warm_up:
+                    self.decode(spec, n, span)
+                    self.rows.restore(snap, n)
+                graph.capture_begin(pool=self._pool)
+                try:
+                    self.decode(spec, n, span)
+                except BaseException:
+                    try:  # end the broken capture; the step's own error is the one to report
+                        graph.capture_end()
+                    except Exception:
+                        pass
+                    raise
+                graph.capture_end()
+        finally:
+            torch.cuda.current_stream().wait_stream(s)
+            self.rows.restore(snap, n)  # (a capture records without running; CPU stand-ins in the tests run it)
         return graph
 
     # ------------------------------------------------------------------------------------ a wave --
     def shape(self, n_rows: int, longest: int, params: SamplingParams) -> tuple[int, int]:
         """(rows, max_len) of the KV cache for ``n_rows`` rows whose longest prompt has ``longest``
-        tokens: rows a bucket of at least the batch (graphs are captured for it), max_len that prompt
-        and its completion, rounded up."""
+        tokens: rows a bucket of at least the batch (graphs are captured for it; past the last bucket,
+        those rows exactly), max_len that prompt and its completion, rounded up."""
         max_len = int(math.ceil((longest + params.max_new_tokens + 1) / SPAN_STEP) * SPAN_STEP)
         rows = max(n_rows, self.batch_size if self.use_graphs else n_rows)
         return (rows_bucket(rows) if rows <= ROW_BUCKETS[-1] else rows), max_len  # past the buckets: no padding rows
@@ -234,8 +250,9 @@ class Scheduler:
         group); return the last-position logits [P, V] (fp32)."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # shortest first: little padding
         ordered = [prompts[i] for i in order]
-        dest = rows[self._to_device(torch.tensor(order))]
-        out = []
+        where = self._to_device(torch.tensor(order))  # each sorted prompt's place in the prompts' order
+        dest = rows[where]
+        logits = None
         for start, stop in padded_chunks([len(p) for p in ordered], self.prefill_tokens):
             chunk = ordered[start:stop]
             width = max(len(p) for p in chunk)
@@ -244,8 +261,11 @@ class Scheduler:
             ids = self._to_device(torch.tensor([p + [0] * (width - len(p)) for p in chunk]))
             lens = self._to_device(torch.tensor([len(p) for p in chunk]))
             with sdpa_backends():
-                out.append(self.decoder.prefill(ids, lens, dest[start:stop], self.kv.flat))
-        return torch.cat(out)[self._to_device(torch.argsort(torch.tensor(order)))]  # back to the prompts' order, not waiting
+                out = self.decoder.prefill(ids, lens, dest[start:stop], self.kv.flat)
+            if logits is None:
+                logits = out.new_empty((len(prompts), out.shape[1]))
+            logits[where[start:stop]] = out
+        return logits
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -280,7 +300,7 @@ class Scheduler:
             # ---- host sync point: finished rows, stop strings, compaction
             done = self.rows.done[:wave.n_live].clone()
             if params.stop:
-                done |= wave.stop_hits(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+                done |= wave.stop_hits(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop, finished=done)
             if bool(done.all()):
                 break
             keep = (~done).nonzero()[:, 0]
