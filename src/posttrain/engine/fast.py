@@ -27,8 +27,10 @@ Projections run on inference weights built from the model at the first ``generat
 matrix and gate|up as one, so a decode step makes two GEMMs where it made five, and LoRA adapters
 merged in (W + scale·B·A), so an adapter being trained costs no extra GEMMs. A plain projection that needs neither (o, down
 without LoRA) is the model's own weight, no copy. ``merge_weights=False`` keeps the memory instead
-and calls the model's modules (LoRA live). Norms, MLP activation, rotary embedding and lm_head are
-always the model's own modules. A bitsandbytes 4-bit (QLoRA) base is served from a dequantized copy
+and calls the model's modules (LoRA live). On merged weights of a Llama-family model the norms (with
+their residual adds) and SiLU run as fused kernels (``kernels``: Triton on CUDA, their references
+elsewhere) in the prefill and the decode step, and rotary with the cache write in the decode step;
+otherwise they are the model's own modules, as the lm_head always is. A bitsandbytes 4-bit (QLoRA) base is served from a dequantized copy
 or straight from its 4-bit weights with the adapters as their own low-rank products
 (``quantized_rollouts``: ``auto`` picks by free GPU memory and says which, in one line).
 

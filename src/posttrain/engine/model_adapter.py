@@ -105,7 +105,7 @@ class ModelAdapter:
         self.quantized_path: str | None = None  # "dequantized", "transient" or "4bit" once built, for a 4-bit base
         self.weights: list[LayerProjections] | None = None  # built at the first build_weights
         self.offload: HostOffload | None = None  # transient: the 4-bit base's packed weights, in host memory during rollouts
-        self.fused = False  # decode on the fused elementwise kernels (decided once the weights are built)
+        self.fused = False  # prefill and decode on the fused elementwise kernels (decided once the weights are built)
         self.compiled = compiled  # a plain bool: read inside the traced step
         self.step, self.prefill = self.step_forward, self.prefill_forward
         if compiled:
@@ -173,7 +173,8 @@ class ModelAdapter:
         return moved
 
     def _fusable(self) -> bool:
-        """Whether the decode step can run on the fused elementwise kernels (``_fused_step``), asked once
+        """Whether the decode step and the prefill can run on the fused elementwise kernels (``_fused_step``,
+        ``_fused_prefill``), asked once
         when the inference weights are built: no torch.compile (which fuses by itself),
         Llama-family RMSNorms in the projections' dtype, SiLU, no per-head q/k norms (Qwen3), a
         power-of-two head size."""
