@@ -239,8 +239,9 @@ def prefill_case(model, s: Shape, rows: int, args) -> dict:
     one = SamplingParams(max_new_tokens=1, temperature=args.temperature, top_p=args.top_p, ignore_eos=True, seed=0)
     engine.generate(ps, one)  # warm-up: the cache allocated, every chunk width's kernels chosen
     walls = [timed(engine.generate, ps, one)[1] for _ in range(3)]
-    chunks = padded_chunks(sorted(lengths), engine.scheduler.prefill_tokens)  # as the scheduler runs them: shortest first
-    padded = sum((b - a) * sorted(lengths)[b - 1] for a, b in chunks)
+    ordered = sorted(lengths)  # as the scheduler runs them: shortest first
+    chunks = padded_chunks(ordered, engine.scheduler.prefill_tokens)
+    padded = sum((b - a) * ordered[b - 1] for a, b in chunks)
     wall = sorted(walls)[1]
     return {"phase": "prefill", "rows": rows, "prompt_len": sum(lengths) / rows, "completion_len": 0,
             "length_range": list(args.prefill_lengths), "padded_tokens": padded, "walls_s": walls, "achieved_ms": 1e3 * wall,

@@ -230,20 +230,12 @@ class ModelAdapter:
         go to its cache rows ``dest`` [p, G]. Pure tensor code, so torch.compile can fuse it."""
         if self.fused:
             return self._fused_prefill(ids, lens, dest, caches_flat)
-        p, width = ids.shape
-        g = dest.shape[1]
-        pos = torch.arange(width, device=ids.device)[None].expand(p, -1)
-        h = self.inner.embed_tokens(ids).to(self.dtype)
-        cos, sin = self._rope(h, pos)
+        p = ids.shape[0]
+        h, cos, sin = self._prompt_inputs(ids)
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)
-            # Right padding + causal mask: real tokens never see the padding after them.
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
-            h = h + self._o(li, layer, o.transpose(1, 2).reshape(p, width, -1))
+            h = h + self._o(li, layer, self._prompt_attention(li, q, k, v, dest, caches_flat))
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
-            kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
-            kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
-            vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
         last = h[torch.arange(p, device=h.device), lens - 1]
         return self.base.lm_head(self.inner.norm(last).to(self.head_dtype)).float()
 
@@ -253,27 +245,40 @@ class ModelAdapter:
         elementwise kernels were 47% of a prefill of 1319 GSM8K-length prompts on Qwen2.5-0.5B's shape
         (bench/roofline.py --phases prefill). Rotary stays the modules' arithmetic (``_qkv``)."""
         p, width = ids.shape
-        g, layers = dest.shape[1], self.inner.layers
-        pos = torch.arange(width, device=ids.device)[None].expand(p, -1)
-        h = self.inner.embed_tokens(ids).to(self.dtype)  # [p, W, D]
-        cos, sin = self._rope(h, pos)
+        layers = self.inner.layers
+        h, cos, sin = self._prompt_inputs(ids)
         h = h.reshape(p * width, -1)
         norm = layers[0].input_layernorm
         h, x = kernels.add_rms_norm(h, None, norm.weight, norm.variance_epsilon)
         for li, layer in enumerate(layers):
             w = self.weights[li]
             q, k, v = self._qkv(li, layer, x.view(p, width, -1), cos, sin)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
+            o = self._prompt_attention(li, q, k, v, dest, caches_flat)
             norm = layer.post_attention_layernorm
-            h, x = kernels.add_rms_norm(h, w.o(o.transpose(1, 2).reshape(p * width, -1)), norm.weight, norm.variance_epsilon)
+            h, x = kernels.add_rms_norm(h, w.o(o.reshape(p * width, -1)), norm.weight, norm.variance_epsilon)
             act = kernels.silu_mul(w.gu(x))
             norm = layers[li + 1].input_layernorm if li + 1 < len(layers) else self.inner.norm
             h, x = kernels.add_rms_norm(h, w.down(act), norm.weight, norm.variance_epsilon)
-            kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
-            kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)
-            vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
         last = x.view(p, width, -1)[torch.arange(p, device=x.device), lens - 1]  # the final norm's output
         return self.base.lm_head(last.to(self.head_dtype)).float()
+
+    def _prompt_inputs(self, ids):
+        """The embeddings [p, W, D] of right-padded prompts ``ids`` [p, W] and their rotary cos/sin."""
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        h = self.inner.embed_tokens(ids).to(self.dtype)
+        cos, sin = self._rope(h, pos)
+        return h, cos, sin
+
+    def _prompt_attention(self, li, q, k, v, dest, caches_flat):
+        """Layer ``li``'s causal attention over right-padded prompts (q [p, H, W, d], k/v [p, Hkv, W, d]:
+        real tokens never see the padding after them) -> [p, W, H·d]; the prompts' K/V go to each
+        one's cache rows ``dest`` [p, G]."""
+        p, _, width, _ = q.shape
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
+        kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
+        kc[dest.reshape(-1), :, :width] = k.repeat_interleave(dest.shape[1], dim=0)
+        vc[dest.reshape(-1), :, :width] = v.repeat_interleave(dest.shape[1], dim=0)
+        return o.transpose(1, 2).reshape(p, width, -1)
 
     def step_forward(self, tokens, pos, ar, caches_flat, span: int):
         """Logits [n, V] for one new token per row at positions ``pos`` (its K/V written at cache rows
