@@ -127,11 +127,18 @@ def elementwise() -> list[dict]:
             rows_, pos = torch.randperm(n, device="cuda"), torch.randint(0, 512, (n,), device="cuda")
             q = kernels.rope_cache_write(qkv, cos, sin, caches[0], caches[1], rows_, pos, heads, kv_heads)
             q_ref = kernels.rope_cache_write_ref(qkv, cos, sin, caches[2], caches[3], rows_, pos, heads, kv_heads)
+            # the prefill's form: q and k out, each token's K/V to two cache rows (a prompt's samples)
+            pcaches = [torch.zeros(2 * n, kv_heads, 512, d, **bf) for _ in range(4)]
+            prow = torch.randperm(2 * n, device="cuda").view(n, 2)
+            qk = kernels.rope_cache_write(qkv, cos, sin, pcaches[0], pcaches[1], prow, pos, heads, kv_heads, with_k=True)
+            qk_ref = kernels.rope_cache_write_ref(qkv, cos, sin, pcaches[2], pcaches[3], prow, pos, heads, kv_heads, with_k=True)
             h, delta, w = torch.randn(n, dim, **bf), torch.randn(n, dim, **bf), torch.randn(dim, **bf)
             gu = torch.randn(n, 2 * inter, **bf)
             out.append({"op": "elementwise", "shape": name, "rows": n,
                         "rope_cache_write": cmp(torch.cat([q.flatten(), caches[0].flatten(), caches[1].flatten()]),
                                                 torch.cat([q_ref.flatten(), caches[2].flatten(), caches[3].flatten()])),
+                        "rope_cache_write_prompts": cmp(torch.cat([qk.flatten(), pcaches[0].flatten(), pcaches[1].flatten()]),
+                                                        torch.cat([qk_ref.flatten(), pcaches[2].flatten(), pcaches[3].flatten()])),
                         "add_rms_norm": cmp(torch.cat(kernels.add_rms_norm(h, delta, w, 1e-6)),
                                             torch.cat(kernels.add_rms_norm_ref(h, delta, w, 1e-6))),
                         "silu_mul": cmp(kernels.silu_mul(gu), kernels.silu_mul_ref(gu)),

@@ -96,8 +96,9 @@ def test_advance_rows_ref_feeds_tokens_on_and_sends_finished_rows_to_position_0(
 
 
 def test_tritons_cache_key_is_hashed_in_a_background_thread_only_with_a_gpu(monkeypatch):
-    """With Triton and a GPU, Triton's once-a-process cache key is computed in a daemon thread (its first
-    launch would hash Triton's library on the way to the first token); without a GPU nothing starts."""
+    """With Triton and a GPU, Triton's once-a-process cache key is computed, and the modules its first launch
+    imports are imported, in a daemon thread (the first launch would do both on the way to the first token);
+    without a GPU nothing starts."""
     import sys
     import threading
     import types
@@ -111,6 +112,7 @@ def test_tritons_cache_key_is_hashed_in_a_background_thread_only_with_a_gpu(monk
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(kernels, "triton", sys.modules["triton"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels.importlib, "import_module", lambda name: ran.append(name))
     thread = kernels.hash_triton_in_background()
     thread.join(5)
-    assert thread.daemon and ran == ["posttrain-triton-key"]
+    assert thread.daemon and ran == ["posttrain-triton-key", *kernels.FIRST_LAUNCH_IMPORTS]

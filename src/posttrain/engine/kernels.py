@@ -41,6 +41,7 @@ runs (and tests) use. The two are checked against each other on GPU (``bench/ker
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import torch
@@ -77,21 +78,34 @@ def triton_ready(device: torch.device) -> bool:
 
 
 def hash_triton_in_background() -> threading.Thread | None:
-    """Start Triton's once-a-process cache key in a background thread, where Triton and a GPU are there.
+    """Start what a process's first Triton launch pays once in a background thread, where Triton and a GPU are there.
 
-    A process's first Triton launch hashes Triton's own files, its 415 MB compiler library among them
-    (``triton.runtime.cache.triton_key``, cached for the process): 0.4-0.8 s that the first token of
-    ``posttrain eval`` waited for. hashlib lets go of the GIL while it hashes, so from a thread this runs
-    beside the loading that comes before the first kernel. None when there is nothing to do."""
+    That launch hashes Triton's own files, its 415 MB compiler library among them (``triton.runtime.cache.triton_key``,
+    cached for the process): 0.4-0.8 s that the first token of ``posttrain eval`` waited for. hashlib lets go of
+    the GIL while it hashes, so from a thread this runs beside the loading that comes before the first kernel.
+    Then the thread imports the Gluon modules that Triton 3.6's argument specialisation imports at the first
+    launch (0.13 s in a first evaluation's profile, H200, 2026-12-04). None when there is nothing to do."""
     if triton is None or not torch.cuda.is_available():
         return None
     try:
         from triton.runtime.cache import triton_key
     except ImportError:  # pragma: no cover - another Triton: its first launch hashes as before
         return None
-    thread = threading.Thread(target=triton_key, name="posttrain-triton-key", daemon=True)
+    thread = threading.Thread(target=_prepare_triton, args=(triton_key,), name="posttrain-triton-key", daemon=True)
     thread.start()
     return thread
+
+
+FIRST_LAUNCH_IMPORTS = ("triton.experimental.gluon.nvidia.hopper",)  # what Triton 3.6's first launch imports
+
+
+def _prepare_triton(triton_key) -> None:
+    triton_key()
+    for name in FIRST_LAUNCH_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Triton
+            pass
 
 
 # ------------------------------------------------------------------------------- references --
@@ -127,15 +141,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cache_write_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """qkv [n, (H + 2·Hkv)·d] (one new token per row), cos/sin [n, d] -> q [n, H, d] with the rotary
-    embedding applied; k (rotated) and v are written to the caches [R, Hkv, L, d] at (rows, :, pos)."""
+                         v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int,
+                         with_k: bool = False) -> torch.Tensor:
+    """qkv [n, (H + 2·Hkv)·d] (n tokens), cos/sin [n, d] -> q [n, H, d] with the rotary embedding applied
+    (``with_k``: q and k, [n, H + Hkv, d]); k (rotated) and v are written to the caches [R, Hkv, L, d] at
+    (rows, :, pos), ``rows`` [n] or [n, G] (each token's K/V to G cache rows: a prompt's samples)."""
     n, d = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], 1)
     c, s = cos[:, None], sin[:, None]
-    k_cache[rows, :, pos] = k * c + rotate_half(k) * s
-    v_cache[rows, :, pos] = v
-    return q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    for row in (rows[:, None] if rows.dim() == 1 else rows).unbind(1):
+        k_cache[row, :, pos] = k
+        v_cache[row, :, pos] = v
+    q = q * c + rotate_half(q) * s
+    return torch.cat([q, k], 1) if with_k else q
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -490,11 +509,13 @@ if triton is not None:
         return tl.where(x != x, x, u.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry into inf or 0)
 
     @triton.jit
-    def _rope_cache_write_kernel(QKV, Cos, Sin, Q, Kc, Vc, Rows, Pos, s_qkv, s_c, s_qn, s_qh,
+    def _rope_cache_write_kernel(QKV, Cos, Sin, Q, Kc, Vc, Rows, Pos, s_qkv, s_c, s_qn, s_qh, s_r, s_g,
                                  s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                 SLOTS: tl.constexpr, BF16: tl.constexpr):
-        """One program per row: its q, k and v heads as one [SLOTS, D] tile (head slots: q heads, then
-        k heads, then v heads; SLOTS the next power of two), so each row's cos/sin are read once."""
+                                 SLOTS: tl.constexpr, QK_OUT: tl.constexpr, G: tl.constexpr, BF16: tl.constexpr):
+        """One program per token: its q, k and v heads as one [SLOTS, D] tile (head slots: q heads, then
+        k heads, then v heads; SLOTS the next power of two), so each token's cos/sin are read once. The
+        first QK_OUT rotated heads go to Q (H: q; H + HKV: q and k); k and v to each of the token's G
+        cache rows."""
         r = tl.program_id(0)
         j = tl.arange(0, SLOTS)[:, None]
         cols = tl.arange(0, D)[None, :]
@@ -516,11 +537,12 @@ if triton is not None:
             t2 = (xr * sn).to(x.dtype).to(tl.float32)
             rot = (t1 + t2).to(x.dtype)
         x = tl.where(j < H + HKV, rot, x)
-        tl.store(Q + r * s_qn + j * s_qh + cols, x, mask=j < H)
-        row = tl.load(Rows + r)
+        tl.store(Q + r * s_qn + j * s_qh + cols, x, mask=j < QK_OUT)
         p = tl.load(Pos + r)
-        tl.store(Kc + row * s_kn + (j - H) * s_kh + p * s_kl + cols, x, mask=(j >= H) & (j < H + HKV))
-        tl.store(Vc + row * s_vn + (j - H - HKV) * s_vh + p * s_vl + cols, x, mask=(j >= H + HKV) & live)
+        for g in tl.static_range(G):
+            row = tl.load(Rows + r * s_r + g * s_g)
+            tl.store(Kc + row * s_kn + (j - H) * s_kh + p * s_kl + cols, x, mask=(j >= H) & (j < H + HKV))
+            tl.store(Vc + row * s_vn + (j - H - HKV) * s_vh + p * s_vl + cols, x, mask=(j >= H + HKV) & live)
 
     @triton.jit
     def _silu_mul_kernel(GU, Out, s_gu, s_o, I, BLOCK: tl.constexpr):
@@ -548,17 +570,21 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return s, out
 
 
-def rope_cache_write(qkv, cos, sin, k_cache, v_cache, rows, pos, heads: int, kv_heads: int) -> torch.Tensor:
-    """``rope_cache_write_ref`` in one kernel on CUDA: q [n, H, d] out, k and v into the caches."""
+def rope_cache_write(qkv, cos, sin, k_cache, v_cache, rows, pos, heads: int, kv_heads: int, with_k: bool = False) -> torch.Tensor:
+    """``rope_cache_write_ref`` in one kernel on CUDA: q [n, H, d] (``with_k``: q and k, [n, H + Hkv, d])
+    out, k and v into the caches."""
     d = cos.shape[-1]
     if not triton_ready(qkv.device) or d & (d - 1):
-        return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, rows, pos, heads, kv_heads)
+        return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, rows, pos, heads, kv_heads, with_k)
     n = qkv.shape[0]
-    q = torch.empty((n, heads, d), dtype=qkv.dtype, device=qkv.device)
+    out_heads = heads + kv_heads if with_k else heads
+    q = torch.empty((n, out_heads, d), dtype=qkv.dtype, device=qkv.device)
+    rows2 = rows[:, None] if rows.dim() == 1 else rows
     _rope_cache_write_kernel[(n,)](
-        qkv, cos, sin, q, k_cache, v_cache, rows, pos, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H=heads, HKV=kv_heads, D=d, SLOTS=triton.next_power_of_2(heads + 2 * kv_heads), BF16=qkv.dtype == torch.bfloat16, num_warps=4)
+        qkv, cos, sin, q, k_cache, v_cache, rows2, pos, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        rows2.stride(0), rows2.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), H=heads, HKV=kv_heads, D=d, SLOTS=triton.next_power_of_2(heads + 2 * kv_heads),
+        QK_OUT=out_heads, G=rows2.shape[1], BF16=qkv.dtype == torch.bfloat16, num_warps=4)
     return q
 
 

@@ -226,7 +226,7 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------------------------- forwards --
     def prefill_forward(self, ids, lens, dest, caches_flat):
-        """Last-position logits [p, V] (fp32) of right-padded prompts ``ids`` [p, W]; each prompt's K/V
+        """Last-position logits [p, V] (the lm_head's dtype) of right-padded prompts ``ids`` [p, W]; each prompt's K/V
         go to its cache rows ``dest`` [p, G]. Pure tensor code, so torch.compile can fuse it."""
         if self.fused:
             return self._fused_prefill(ids, lens, dest, caches_flat)
@@ -234,33 +234,41 @@ class ModelAdapter:
         h, cos, sin = self._prompt_inputs(ids)
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)
-            h = h + self._o(li, layer, self._prompt_attention(li, q, k, v, dest, caches_flat))
+            kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
+            kc[dest.reshape(-1), :, :ids.shape[1]] = k.repeat_interleave(dest.shape[1], dim=0)  # each prompt's rows
+            vc[dest.reshape(-1), :, :ids.shape[1]] = v.repeat_interleave(dest.shape[1], dim=0)
+            h = h + self._o(li, layer, self._attend_prompts(q, k, v))
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
         last = h[torch.arange(p, device=h.device), lens - 1]
-        return self.base.lm_head(self.inner.norm(last).to(self.head_dtype)).float()
+        return self.base.lm_head(self.inner.norm(last).to(self.head_dtype))
 
     def _fused_prefill(self, ids, lens, dest, caches_flat):
-        """``prefill_forward`` with the decode step's fused norm and SiLU kernels over every position
-        (``kernels.add_rms_norm``, ``kernels.silu_mul``, same rounding as the modules): the modules'
-        elementwise kernels were 47% of a prefill of 1319 GSM8K-length prompts on Qwen2.5-0.5B's shape
-        (bench/roofline.py --phases prefill). Rotary stays the modules' arithmetic (``_qkv``)."""
+        """``prefill_forward`` on the decode step's fused kernels over every position, the same rounding as the
+        modules: ``kernels.add_rms_norm``, ``kernels.silu_mul``, and ``kernels.rope_cache_write`` for the rotary
+        embedding of q and k with the cache writes (each token's K/V to its prompt's rows in ``dest``). The
+        modules' elementwise kernels were 47% of a prefill of 1319 GSM8K-length prompts on Qwen2.5-0.5B's shape
+        (bench/roofline.py --phases prefill)."""
         p, width = ids.shape
-        layers = self.inner.layers
+        layers, hq, hkv, d = self.inner.layers, self.n_heads, self.n_kv, self.head_dim
         h, cos, sin = self._prompt_inputs(ids)
-        h = h.reshape(p * width, -1)
+        h, cos, sin = h.reshape(p * width, -1), cos.reshape(p * width, d), sin.reshape(p * width, d)
+        rows = dest.repeat_interleave(width, 0)  # [p·W, G]: each token's cache rows
+        pos = torch.arange(width, device=ids.device).repeat(p)
         norm = layers[0].input_layernorm
         h, x = kernels.add_rms_norm(h, None, norm.weight, norm.variance_epsilon)
         for li, layer in enumerate(layers):
-            w = self.weights[li]
-            q, k, v = self._qkv(li, layer, x.view(p, width, -1), cos, sin)
-            o = self._prompt_attention(li, q, k, v, dest, caches_flat)
+            w, kc, vc = self.weights[li], caches_flat[2 * li], caches_flat[2 * li + 1]
+            qkv = w.qkv(x)
+            qk = kernels.rope_cache_write(qkv, cos, sin, kc, vc, rows, pos, hq, hkv, with_k=True).view(p, width, hq + hkv, d)
+            v = qkv.view(p, width, hq + 2 * hkv, d)[:, :, hq + hkv:]
+            o = self._attend_prompts(qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2))
             norm = layer.post_attention_layernorm
             h, x = kernels.add_rms_norm(h, w.o(o.reshape(p * width, -1)), norm.weight, norm.variance_epsilon)
             act = kernels.silu_mul(w.gu(x))
             norm = layers[li + 1].input_layernorm if li + 1 < len(layers) else self.inner.norm
             h, x = kernels.add_rms_norm(h, w.down(act), norm.weight, norm.variance_epsilon)
         last = x.view(p, width, -1)[torch.arange(p, device=x.device), lens - 1]  # the final norm's output
-        return self.base.lm_head(last.to(self.head_dtype)).float()
+        return self.base.lm_head(last.to(self.head_dtype))
 
     def _prompt_inputs(self, ids):
         """The embeddings [p, W, D] of right-padded prompts ``ids`` [p, W] and their rotary cos/sin."""
@@ -269,15 +277,11 @@ class ModelAdapter:
         cos, sin = self._rope(h, pos)
         return h, cos, sin
 
-    def _prompt_attention(self, li, q, k, v, dest, caches_flat):
-        """Layer ``li``'s causal attention over right-padded prompts (q [p, H, W, d], k/v [p, Hkv, W, d]:
-        real tokens never see the padding after them) -> [p, W, H·d]; the prompts' K/V go to each
-        one's cache rows ``dest`` [p, G]."""
+    def _attend_prompts(self, q, k, v):
+        """Causal attention over right-padded prompts (q [p, H, W, d], k/v [p, Hkv, W, d]: real tokens
+        never see the padding after them) -> [p, W, H·d]."""
         p, _, width, _ = q.shape
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.gqa)
-        kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
-        kc[dest.reshape(-1), :, :width] = k.repeat_interleave(dest.shape[1], dim=0)
-        vc[dest.reshape(-1), :, :width] = v.repeat_interleave(dest.shape[1], dim=0)
         return o.transpose(1, 2).reshape(p, width, -1)
 
     def step_forward(self, tokens, pos, ar, caches_flat, span: int):
