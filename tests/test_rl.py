@@ -1,6 +1,7 @@
 """RL: losses and advantages against hand-computed numbers, masks, KL at step 0, learning on a toy
 reward (grpo and reinforce), rewards registry, resume and the CLI."""
 
+import copy
 import json
 import math
 
@@ -23,7 +24,7 @@ from posttrain.losses.policy import (
     token_logprobs,
 )
 from posttrain.tasks.rewards import REWARDS, compute_rewards, parse_reward
-from posttrain.trainers.rl import RLConfig, sequence_tensors, train
+from posttrain.trainers.rl import Batch, RLConfig, sequence_tensors, train
 
 TOY = '''
 def low_ids(prompts, completions, answer, completion_ids, **kw):
@@ -158,6 +159,43 @@ def test_micro_batches_are_cut_to_their_own_longest_row():
         assert torch.equal(mb.input_ids, batch.input_ids[rows, :w]) and torch.equal(mb.ref_logp, batch.ref_logp[rows, :w - 1])
         assert batch.completion_mask[rows, w - 1:].sum() == 0  # nothing scored was cut off
         assert torch.equal(mb.advantages, batch.advantages[rows])
+
+
+def test_micro_batches_by_length_group_rows_of_like_lengths():
+    """Longest rows first, so each micro-batch pads to little; every row exactly once, each micro-batch
+    knowing its rows (the log-probs it computes go back to them)."""
+    batch = random_rl_batch(50, n=8, width=12, seed=3)
+    lengths = batch.attention_mask.sum(1).tolist()
+    mbs = batch.micro_batches(4, by_length=True)
+    assert sorted(r for mb in mbs for r in mb.rows) == list(range(8))
+    assert [lengths[r] for mb in mbs for r in mb.rows] == sorted(lengths, reverse=True)
+    for mb in mbs:
+        assert mb.input_ids.shape[1] == max(lengths[r] for r in mb.rows)
+        assert torch.equal(mb.input_ids, batch.input_ids[mb.rows, :mb.input_ids.shape[1]])
+        assert torch.equal(mb.advantages, batch.advantages[mb.rows])
+    padded = sum(mb.input_ids.numel() for mb in mbs)
+    assert padded < sum(mb.input_ids.numel() for mb in batch.micro_batches(4))  # less padding than in rollout order
+
+
+def test_reference_logprobs_land_on_their_rows_whatever_the_micro_batches(tiny_model):
+    """fill_logprobs runs micro-batches longest first: its [B, L-1] result is, row for row, the
+    reference log-probs of the whole batch in its own order."""
+    from posttrain.trainers.logprobs import reference_logprobs
+    from posttrain.trainers.rl import fill_logprobs
+    from posttrain.trainers.run import make_accelerator
+
+    batch, model, ref = random_rl_batch(tiny_model.config.vocab_size), tiny_model.eval(), copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        expected = reference_logprobs(model, ref, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                      make_accelerator(), right_padded=True)
+    for size in (16, 2):
+        b = Batch(batch.input_ids, batch.attention_mask, batch.completion_mask, batch.advantages)
+        cfg = RLConfig(algo="grpo", beta=0.1, num_generations=4, per_device_batch_size=size, gradient_accumulation_steps=16 // size,
+                       max_new_tokens=8, reward=["correctness"])
+        fill_logprobs(b, model, ref, cfg, make_accelerator())
+        assert b.ref_logp.shape == batch.completion_mask.shape
+        torch.testing.assert_close(b.ref_logp * batch.completion_mask, expected.float() * batch.completion_mask, atol=1e-5, rtol=1e-5)
+        assert (b.ref_logp * (1 - batch.completion_mask)).abs().sum() == 0  # nothing outside the completions
 
 
 def test_a_token_budget_cuts_micro_batches_into_pieces_within_it():

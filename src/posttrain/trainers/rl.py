@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.config import require
 from posttrain.engine.models import sdpa_backends
@@ -205,26 +204,33 @@ class Batch:
     old_logp: torch.Tensor | None = None  # [B, L-1] at rollout time (num_iterations > 1)
     ref_logp: torch.Tensor | None = None  # [B, L-1] under the reference policy (beta > 0)
     multiple_of: int = 1  # micro-batch widths are multiples of it (L is one too)
+    rows: list[int] | None = None  # a micro-batch's rows in the batch it was cut from
 
-    def micro_batches(self, size: int, max_tokens: int | None = None) -> list[Batch]:
-        """Consecutive groups of ``size`` rows, each cut to its own longest row (rows are right-padded),
-        rounded up to ``multiple_of``: no micro-batch pays for another's longest completion. With
-        ``max_tokens``, a group whose rows × longest row exceeds it is cut further into consecutive
-        pieces that do not (a row alone may)."""
-        def cut(x, rows, w):
-            return None if x is None else x[rows, :w]
-
+    def micro_batches(self, size: int, max_tokens: int | None = None, by_length: bool = False) -> list[Batch]:
+        """Groups of ``size`` rows, each cut to its own longest row (rows are right-padded), rounded up to
+        ``multiple_of``: no micro-batch pays for another's longest completion. The rows in their order, or
+        ``by_length`` longest first, so that each group's rows are of like lengths (the least padding; a
+        step's loss is the same however its rows are grouped, except bnpo's). With ``max_tokens``, a group
+        whose rows × longest row exceeds it is cut further into consecutive pieces that do not (a row
+        alone may)."""
         m, full = self.multiple_of, self.input_ids.shape[1]
         widths = [min(round_up(int(n), m), full) for n in self.attention_mask.sum(1).tolist()]  # each row's, rounded
+        order = sorted(range(len(widths)), key=lambda i: -widths[i]) if by_length else list(range(len(widths)))
         out = []
-        for i in range(0, len(widths), size):
-            group = widths[i:i + size]
-            for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks(group, max_tokens):
-                rows = slice(i + start, i + stop)
-                w = max(widths[rows])
-                out.append(Batch(cut(self.input_ids, rows, w), cut(self.attention_mask, rows, w), cut(self.completion_mask, rows, w - 1),
-                                 self.advantages[rows], cut(self.old_logp, rows, w - 1), cut(self.ref_logp, rows, w - 1), m))
+        for i in range(0, len(order), size):
+            group = order[i:i + size]
+            for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks([widths[r] for r in group], max_tokens):
+                rows = group[start:stop]
+                w = max(widths[r] for r in rows)
+                index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
+                out.append(Batch(_take(self.input_ids, index, w), _take(self.attention_mask, index, w),
+                                 _take(self.completion_mask, index, w - 1), self.advantages[index],
+                                 _take(self.old_logp, index, w - 1), _take(self.ref_logp, index, w - 1), m, rows))
         return out
+
+
+def _take(x: torch.Tensor | None, rows, width: int) -> torch.Tensor | None:
+    return None if x is None else x[rows, :width]
 
 
 # ------------------------------------------------------------------------------ the loop's steps --
@@ -326,10 +332,13 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
     log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
-    mbs, width = batch.micro_batches(cfg.per_device_batch_size), batch.completion_mask.shape[1]  # no activations kept: no budget
+    mbs = batch.micro_batches(cfg.per_device_batch_size, by_length=True)  # no activations kept: no token budget
 
-    def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, padded back to the batch's width
-        return torch.cat([F.pad(logp_of(mb), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
+    def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values in the batch's rows, zero-padded
+        out = torch.zeros_like(batch.completion_mask, dtype=torch.float32)
+        for mb in mbs:
+            out[mb.rows, :mb.completion_mask.shape[1]] = logp_of(mb).float()
+        return out
 
     if cfg.num_iterations > 1:
         batch.old_logp = whole(lambda mb: sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.completion_mask, right_padded=True)[0])
@@ -343,7 +352,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     whole step's (normalised by ``StepSize`` over all micro-batches and ranks). Gradients are left
     for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
     spec, world = cfg.spec, accelerator.num_processes
-    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens)
+    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens, by_length=spec["aggregation"] != "bnpo")
     step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
     losses = []
