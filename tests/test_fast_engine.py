@@ -616,3 +616,18 @@ def test_free_memory_under_a_per_process_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 40 * gib)
     assert projections.free_memory(cuda) == (0, 35 * gib)
     assert projections.free_memory(torch.device("cpu")) is None
+
+
+def test_a_reserved_prompt_length_keeps_one_kv_cache_for_longer_prompts_later(tiny_model, tiny_tokenizer):
+    """An RL run reserves its longest prompt: a later, longer prompt than any before runs on the same KV
+    cache (a new one would also mean every CUDA graph captured again); without it the cache is remade."""
+    short, long_ = [list(range(5, 15))], [list(range(5, 95))]
+    params = SamplingParams(max_new_tokens=4)
+    for reserve, same in ((90, True), (None, False)):
+        engine = FastEngine(tiny_model, tiny_tokenizer, 4)
+        if reserve:
+            engine.reserve(reserve)
+        engine.generate(short, params)
+        kv = engine.scheduler.kv
+        engine.generate(long_, params)
+        assert (engine.scheduler.kv is kv) is same

@@ -367,6 +367,18 @@ def _rewards(out):
     return [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_engine_is_reserved_for_the_runs_longest_prompt(tiny_model_dir, tmp_path, toy_file, monkeypatch):
+    """RL tells its engine the longest training prompt once, before the first rollout (one KV cache and
+    one set of CUDA graphs for the run)."""
+    from posttrain.engine.fast import FastEngine
+
+    seen = []
+    real = FastEngine.reserve
+    monkeypatch.setattr(FastEngine, "reserve", lambda self, n: seen.append((n, self.scheduler.kv)) or real(self, n))
+    train(_cfg(tiny_model_dir, tmp_path / "r", toy_file, engine="fast", max_steps=1))
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] is None  # before any rollout made a cache
+
+
 @pytest.mark.parametrize("algo,g", [("grpo", 8), ("reinforce", 1)])
 def test_toy_reward_rises(tiny_model_dir, tmp_path, toy_file, algo, g):
     train(_cfg(tiny_model_dir, tmp_path / algo, toy_file, algo=algo, num_generations=g))

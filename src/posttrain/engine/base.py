@@ -132,6 +132,11 @@ class Engine:
         if policy is not self.model:
             raise ValueError("sync_weights: this engine serves another model; build an engine for this one")
 
+    def reserve(self, longest_prompt: int) -> None:
+        """Size the buffers of later ``generate`` calls for prompts up to ``longest_prompt`` tokens (a run's
+        longest), so that a longer prompt than any before does not make the engine allocate them again
+        (and, for the fast engine, capture its CUDA graphs again); nothing by default."""
+
     def release(self) -> None:
         """Free what only sampling needs until the next ``generate`` (the fast engine's transient copy
         of a 4-bit base); nothing by default."""

@@ -92,6 +92,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (bounds its memory)
         self.on_first_token = on_first_token
         self.eos = list(eos)
+        self.reserved_prompt_len = 0  # KV caches hold prompts at least this long (``reserve``)
         self.kv: KVCache | None = None
         self.rows: Rows | None = None
         self._graphs: dict = {}
@@ -216,7 +217,8 @@ class Scheduler:
     def shape(self, n_rows: int, longest: int, params: SamplingParams) -> tuple[int, int]:
         """(rows, max_len) of the KV cache for ``n_rows`` rows whose longest prompt has ``longest``
         tokens: rows a bucket of at least the batch (graphs are captured for it; past the last bucket,
-        those rows exactly), max_len that prompt and its completion, rounded up."""
+        those rows exactly), max_len that prompt (at least ``reserved_prompt_len``) and its completion, rounded up."""
+        longest = max(longest, self.reserved_prompt_len)
         max_len = int(math.ceil((longest + params.max_new_tokens + 1) / SPAN_STEP) * SPAN_STEP)
         rows = max(n_rows, self.batch_size if self.use_graphs else n_rows)
         return (rows_bucket(rows) if rows <= ROW_BUCKETS[-1] else rows), max_len  # past the buckets: no padding rows

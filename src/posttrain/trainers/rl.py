@@ -417,6 +417,7 @@ def train(cfg: RLConfig) -> dict:
     rows = min(cfg.rollout_batch_size, cfg.per_device_batch_size * cfg.gradient_accumulation_steps)
     engine = make_engine(cfg.engine, policy, tokenizer, max(rows, cfg.eval_batch_size if eval_examples else 0),
                          quantized_rollouts=cfg.quantized_rollouts)
+    engine.reserve(max((len(p) for p in prompts.ids), default=0))  # one KV cache, and one set of graphs, for the whole run
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_generations, task.stop_strings)
 
     synced = run.step  # the engine samples from the policy as it was at this step
