@@ -573,6 +573,15 @@ def test_fused_kernel_references_round_as_the_modules_do():
     assert torch.equal(kc[rows, :, pos], k_hf[:, :, 0]) and torch.equal(vc[rows, :, pos], v0[:, :, 0])
     assert kc.abs().sum() == kc[rows, :, pos].abs().sum()  # nothing else written
 
+    # The prefill's form: q and k out, each token's K/V to two cache rows (a prompt's two samples).
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    rows2 = torch.tensor([[4, 5], [0, 1], [2, 3]])
+    qk = kernels.rope_cache_write_ref(qkv, cos, sin, kc2, vc2, rows2, pos, heads, kv, with_k=True)
+    assert torch.equal(qk, torch.cat([q_hf, k_hf], 1)[:, :, 0])
+    for sample in range(2):
+        assert torch.equal(kc2[rows2[:, sample], :, pos], k_hf[:, :, 0]) and torch.equal(vc2[rows2[:, sample], :, pos], v0[:, :, 0])
+    assert kc2.abs().sum() == 2 * kc[rows, :, pos].abs().sum()
+
     gu = torch.randn(n, 2 * 40, generator=g).to(bf)
     assert torch.equal(kernels.silu_mul_ref(gu), torch.nn.functional.silu(gu[:, :40]) * gu[:, 40:])
 

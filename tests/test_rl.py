@@ -177,6 +177,19 @@ def test_micro_batches_by_length_group_rows_of_like_lengths():
     assert padded < sum(mb.input_ids.numel() for mb in batch.micro_batches(4))  # less padding than in rollout order
 
 
+@pytest.mark.parametrize("loss_type,by_length", [("dapo", True), ("grpo", True), ("bnpo", False)])
+def test_the_update_groups_rows_by_length_unless_the_loss_depends_on_the_grouping(tiny_model, toy_file, monkeypatch,
+                                                                                    loss_type, by_length):
+    """bnpo averages over each micro-batch's tokens: its micro-batches stay in the rollout's order."""
+    asked = []
+    real = Batch.micro_batches
+    monkeypatch.setattr(Batch, "micro_batches", lambda self, *a, **kw: asked.append(kw.get("by_length")) or real(self, *a, **kw))
+    cfg = RLConfig(algo="grpo", loss_type=loss_type, num_generations=4, per_device_batch_size=4, gradient_accumulation_steps=4,
+                   max_new_tokens=8, reward=[f"{toy_file}:low_ids"])
+    _step_gradient(tiny_model.train(), random_rl_batch(tiny_model.config.vocab_size), cfg)
+    assert asked == [by_length]
+
+
 def test_reference_logprobs_land_on_their_rows_whatever_the_micro_batches(tiny_model):
     """fill_logprobs runs micro-batches longest first: its [B, L-1] result is, row for row, the
     reference log-probs of the whole batch in its own order."""
@@ -371,12 +384,16 @@ def test_the_engine_is_reserved_for_the_runs_longest_prompt(tiny_model_dir, tmp_
     """RL tells its engine the longest training prompt once, before the first rollout (one KV cache and
     one set of CUDA graphs for the run)."""
     from posttrain.engine.fast import FastEngine
+    from posttrain.trainers import rl
 
-    seen = []
-    real = FastEngine.reserve
+    seen, made = [], []
+    real, prompts = FastEngine.reserve, rl.Prompts
     monkeypatch.setattr(FastEngine, "reserve", lambda self, n: seen.append((n, self.scheduler.kv)) or real(self, n))
+    monkeypatch.setattr(rl, "Prompts", lambda *a: made.append(prompts(*a)) or made[-1])
     train(_cfg(tiny_model_dir, tmp_path / "r", toy_file, engine="fast", max_steps=1))
-    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] is None  # before any rollout made a cache
+    longest = max(len(p) for p in made[0].ids)
+    assert seen == [(longest, None)]  # before any rollout made a cache
+    assert min(len(p) for p in made[0].ids) < longest  # the prompts differ in length: the reserve is the longest's
 
 
 @pytest.mark.parametrize("algo,g", [("grpo", 8), ("reinforce", 1)])

@@ -104,7 +104,7 @@ def _prepare_triton(triton_key) -> None:
     for name in FIRST_LAUNCH_IMPORTS:
         try:
             importlib.import_module(name)
-        except ImportError:  # another Triton
+        except Exception:  # another Triton (or a broken one): its first launch imports what it needs, as before
             pass
 
 
@@ -577,6 +577,7 @@ def rope_cache_write(qkv, cos, sin, k_cache, v_cache, rows, pos, heads: int, kv_
     if not triton_ready(qkv.device) or d & (d - 1):
         return rope_cache_write_ref(qkv, cos, sin, k_cache, v_cache, rows, pos, heads, kv_heads, with_k)
     n = qkv.shape[0]
+    assert qkv.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0) and pos.is_contiguous()
     out_heads = heads + kv_heads if with_k else heads
     q = torch.empty((n, out_heads, d), dtype=qkv.dtype, device=qkv.device)
     rows2 = rows[:, None] if rows.dim() == 1 else rows

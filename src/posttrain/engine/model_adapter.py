@@ -6,11 +6,12 @@ Projections run on inference weights built at the first ``build_weights`` and re
 (a trainer's ``sync_weights``): q|k|v as one group and gate|up as one, so a decode step makes two GEMMs
 where it made five, each group a ``MergedProjection`` (LoRA merged in: an adapter being trained costs no
 extra GEMMs) or, for a bitsandbytes 4-bit base served without a dense copy, a ``LowRankProjection``
-(``quantized_rollouts``). ``merge_weights=False`` calls the model's modules instead (LoRA live). Norms,
-MLP activation, rotary embedding and lm_head are always the model's own modules.
+(``quantized_rollouts``). ``merge_weights=False`` calls the model's modules instead (LoRA live). The
+embeddings, the rotary cos/sin and lm_head are always the model's own modules.
 
-On a Llama-family model the decode step runs on the fused elementwise kernels (``kernels.add_rms_norm``,
-``rope_cache_write``, ``silu_mul``), decided once when the weights are built.
+On a Llama-family model the decode step and the prefill run their norms, rotary embedding, cache writes and
+SiLU on the fused elementwise kernels (``kernels.add_rms_norm``, ``rope_cache_write``, ``silu_mul``), decided
+once when the weights are built; otherwise the model's own modules do.
 """
 
 from __future__ import annotations

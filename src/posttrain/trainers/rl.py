@@ -25,12 +25,21 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.config import require
 from posttrain.engine.models import sdpa_backends
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import accuracy_eval
-from posttrain.losses.policy import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, StepSize, agg_token_mean, policy_loss
+from posttrain.losses.policy import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    SPLIT_INVARIANT,
+    StepSize,
+    agg_token_mean,
+    policy_loss,
+)
 from posttrain.tasks import make_task
 from posttrain.tasks.rewards import compute_rewards, parse_reward
 from posttrain.trainers.data import data_splits, epoch_indices
@@ -222,7 +231,8 @@ class Batch:
             for start, stop in [(0, len(group))] if max_tokens is None else padded_chunks([widths[r] for r in group], max_tokens):
                 rows = group[start:stop]
                 w = max(widths[r] for r in rows)
-                index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
+                consecutive = rows == list(range(rows[0], rows[-1] + 1))
+                index = slice(rows[0], rows[-1] + 1) if consecutive else torch.tensor(rows, device=self.input_ids.device)
                 out.append(Batch(_take(self.input_ids, index, w), _take(self.attention_mask, index, w),
                                  _take(self.completion_mask, index, w - 1), self.advantages[index],
                                  _take(self.old_logp, index, w - 1), _take(self.ref_logp, index, w - 1), m, rows))
@@ -332,12 +342,14 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
     log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
-    mbs = batch.micro_batches(cfg.per_device_batch_size, by_length=True)  # no activations kept: no token budget
+    # As the update groups its rows (no activations kept: no token budget).
+    mbs = batch.micro_batches(cfg.per_device_batch_size, by_length=cfg.spec["aggregation"] in SPLIT_INVARIANT)
+    width, order = batch.completion_mask.shape[1], [r for mb in mbs for r in mb.rows]
 
-    def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values in the batch's rows, zero-padded
-        out = torch.zeros_like(batch.completion_mask, dtype=torch.float32)
-        for mb in mbs:
-            out[mb.rows, :mb.completion_mask.shape[1]] = logp_of(mb).float()
+    def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, zero-padded, back in the batch's rows
+        parts = torch.cat([F.pad(logp_of(mb).float(), (0, width - mb.completion_mask.shape[1])) for mb in mbs])
+        out = torch.empty_like(parts)
+        out[torch.tensor(order, device=parts.device)] = parts  # one index copy, after every forward is queued
         return out
 
     if cfg.num_iterations > 1:
@@ -352,7 +364,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     whole step's (normalised by ``StepSize`` over all micro-batches and ranks). Gradients are left
     for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
     spec, world = cfg.spec, accelerator.num_processes
-    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens, by_length=spec["aggregation"] != "bnpo")
+    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens, by_length=spec["aggregation"] in SPLIT_INVARIANT)
     step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
     losses = []
