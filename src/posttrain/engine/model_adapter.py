@@ -231,13 +231,13 @@ class ModelAdapter:
         go to its cache rows ``dest`` [p, G]. Pure tensor code, so torch.compile can fuse it."""
         if self.fused:
             return self._fused_prefill(ids, lens, dest, caches_flat)
-        p = ids.shape[0]
+        (p, width), g = ids.shape, dest.shape[1]
         h, cos, sin = self._prompt_inputs(ids)
         for li, layer in enumerate(self.inner.layers):
             q, k, v = self._qkv(li, layer, layer.input_layernorm(h).to(self.dtype), cos, sin)
             kc, vc = caches_flat[2 * li], caches_flat[2 * li + 1]
-            kc[dest.reshape(-1), :, :ids.shape[1]] = k.repeat_interleave(dest.shape[1], dim=0)  # each prompt's rows
-            vc[dest.reshape(-1), :, :ids.shape[1]] = v.repeat_interleave(dest.shape[1], dim=0)
+            kc[dest.reshape(-1), :, :width] = k.repeat_interleave(g, dim=0)  # each prompt's G rows
+            vc[dest.reshape(-1), :, :width] = v.repeat_interleave(g, dim=0)
             h = h + self._o(li, layer, self._attend_prompts(q, k, v))
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h).to(self.dtype))
         last = h[torch.arange(p, device=h.device), lens - 1]

@@ -243,6 +243,12 @@ def _take(x: torch.Tensor | None, rows, width: int) -> torch.Tensor | None:
     return None if x is None else x[rows, :width]
 
 
+def step_micro_batches(batch: Batch, cfg: RLConfig, max_tokens: int | None = None) -> list[Batch]:
+    """The micro-batches a step's forwards run on, the same for the log-prob passes and the update: rows
+    grouped by length where the loss does not depend on the grouping, in the rollout's order for bnpo."""
+    return batch.micro_batches(cfg.per_device_batch_size, max_tokens, by_length=cfg.spec["aggregation"] in SPLIT_INVARIANT)
+
+
 # ------------------------------------------------------------------------------ the loop's steps --
 def prompts_for_step(n_prompts: int, step: int, per_step: int, seed: int, rank: int, world: int) -> list[int]:
     """Prompt indices for this rank at rollout ``step`` (see ``epoch_indices``)."""
@@ -342,8 +348,7 @@ def training_batch(rollout: Rollout, prompts: Prompts, cfg: RLConfig, pad_id: in
 def fill_logprobs(batch: Batch, model, ref_model, cfg: RLConfig, accelerator) -> None:
     """Rollout-time log-probs (for the clipped ratio when a rollout is reused) and reference
     log-probs (for the KL penalty) of the completions' tokens, micro-batch by micro-batch."""
-    # As the update groups its rows (no activations kept: no token budget).
-    mbs = batch.micro_batches(cfg.per_device_batch_size, by_length=cfg.spec["aggregation"] in SPLIT_INVARIANT)
+    mbs = step_micro_batches(batch, cfg)  # no activations kept: no token budget
     width, order = batch.completion_mask.shape[1], [r for mb in mbs for r in mb.rows]
 
     def whole(logp_of) -> torch.Tensor:  # [B, L-1]: the micro-batches' values, zero-padded, back in the batch's rows
@@ -364,7 +369,7 @@ def update(model, batch: Batch, cfg: RLConfig, accelerator) -> tuple[bool, dict[
     whole step's (normalised by ``StepSize`` over all micro-batches and ranks). Gradients are left
     for the optimizer. Returns (every loss was finite on this rank, the step's metrics)."""
     spec, world = cfg.spec, accelerator.num_processes
-    mbs = batch.micro_batches(cfg.per_device_batch_size, cfg.update_max_tokens, by_length=spec["aggregation"] in SPLIT_INVARIANT)
+    mbs = step_micro_batches(batch, cfg, cfg.update_max_tokens)
     step = StepSize.of([mb.completion_mask for mb in mbs], world, lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
     sums: dict[str, torch.Tensor] = {}
     losses = []
