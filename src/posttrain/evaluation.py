@@ -219,9 +219,21 @@ class EvalConfig(LoadOptions, StageOptions):
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.num_samples, list(stop), self.seed)
 
 
+def _direct_plan(cfg: EvalConfig):
+    """``engine.direct.plan`` for ``cfg.model`` when it resolves to a folder (not a GGUF file, which
+    transformers dequantizes), else None."""
+    from posttrain.engine.direct import plan
+    from posttrain.engine.registry import resolve_model
+
+    src = resolve_model(cfg.model)
+    if src.gguf_file:
+        return None
+    return plan(src.path, engine=cfg.engine, trust_remote_code=cfg.trust_remote_code)
+
+
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> EvalResult:
     """Load (unless given) the model, evaluate ``cfg.task``, save to ``cfg.output`` if set."""
-    from posttrain.engine import kernels, load_model, load_tokenizer, make_engine
+    from posttrain.engine import kernels, load_model, load_tokenizer, make_engine, resolve_dtype
     from posttrain.engine.registry import trained_on
     from posttrain.tasks import check_contamination, make_task
 
@@ -234,15 +246,23 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     check_contamination(trained_on(cfg.model), task.name, cfg.split)
     examples = task.examples(cfg.split, cfg.limit)
     params = cfg.sampling(task)
+    # A plain Llama / Qwen2 folder loads without transformers (whose import alone costs seconds), else through it.
+    loaded_here = model is None
+    direct = _direct_plan(cfg) if model is None and tokenizer is None else None
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        tokenizer = direct.tokenizer() if direct else load_tokenizer(cfg.model, cfg.trust_remote_code)
     phases["task_and_tokenizer"] = process_age_s()
     if model is None:
-        model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        if direct:
+            dev = resolve_device(cfg.device)
+            model = direct.model(resolve_dtype(cfg.dtype, dev), dev)
+        else:
+            model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     phases["model"] = process_age_s()
     engine = make_engine(cfg.engine, model, tokenizer, cfg.batch_size)
     result = evaluate(task, examples, engine, tokenizer, params, progress=progress)
     result.summary["model"] = cfg.model
+    result.summary["loader"] = "direct" if direct else ("transformers" if loaded_here else "given")
     # From process start, as a user waits: when each phase ended, the first token, the end.
     result.summary["first_token_s_from_process_start"] = engine.first_token_s
     result.summary["phases_end_s_from_process_start"] = phases

@@ -76,6 +76,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object file's content; None when it is absent, unreadable, damaged or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     with atomic_write(path) as f:
         for row in rows:

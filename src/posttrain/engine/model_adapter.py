@@ -35,7 +35,7 @@ from posttrain.engine.projections import (
 )
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
-RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # weight · x / rms(x), the eps in variance_epsilon
+RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "DirectRMSNorm"}  # weight · x / rms(x), the eps in variance_epsilon
 
 
 def base_model(model):

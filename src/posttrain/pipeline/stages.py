@@ -10,7 +10,6 @@ and a stage whose input is missing fails before any work starts.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -24,7 +23,7 @@ from posttrain.evaluation import EvalConfig, run_eval
 from posttrain.pipeline.report import write_report
 from posttrain.rundir import RunDir, atomic_folder, inspect, owned_entry, read_record
 from posttrain.trainers.run import RUN_CONFIGS, RUN_STATE
-from posttrain.utils import write_json
+from posttrain.utils import read_json_object, write_json
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "nano.yaml"
 
@@ -91,18 +90,12 @@ def stage_configs(cfg: PipelineConfig, where: str = "pipeline options"):
     return sft, rl, evals
 
 
-def _json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _finished(folder: Path, command: str) -> bool:
     """Whether ``folder`` holds a finished ``command`` run that posttrain wrote (its record lists the
     run_state.json that says so)."""
-    return owned_entry(folder, RUN_STATE, command) and bool((_json_object(folder / RUN_STATE) or {}).get("finished"))
+    return owned_entry(folder, RUN_STATE, command) and bool((read_json_object(folder / RUN_STATE) or {}).get("finished"))
 
 
 def _standalone(train_dir: Path, model_dir: Path, method: str, command: str) -> None:
@@ -133,7 +126,7 @@ def _standalone(train_dir: Path, model_dir: Path, method: str, command: str) -> 
 
 def _summary(summary_file: Path) -> dict | None:
     """An evaluation's summary.json, when it holds the numbers the report needs."""
-    s = _json_object(summary_file)
+    s = read_json_object(summary_file)
     return s if s is not None and all(k in s for k in ("accuracy", "strict_accuracy", "n", "ci95")) else None
 
 

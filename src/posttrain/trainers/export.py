@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.rundir import atomic_folder, check_new_folder
+from posttrain.utils import read_json_object
 
 
 def adapter_base(adapter: Path) -> str:
@@ -17,22 +17,13 @@ def adapter_base(adapter: Path) -> str:
     cfg = adapter / "adapter_config.json"
     if not cfg.is_file():
         raise PosttrainError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    ours = _json_object(adapter / "posttrain.json")
+    ours = (read_json_object(adapter / "posttrain.json") or {})
     if ours.get("base_model"):
         return ours["base_model"]
-    base = _json_object(cfg).get("base_model_name_or_path")
+    base = (read_json_object(cfg) or {}).get("base_model_name_or_path")
     if not base:
         raise PosttrainError(f"{cfg} does not name its base model; pass --base")
     return base
-
-
-def _json_object(path: Path) -> dict:
-    """A JSON object file's content; {} when it is absent, damaged or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def merge_adapter(adapter: str, output: str, base: str | None = None, dtype: str = "auto",

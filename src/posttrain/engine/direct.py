@@ -1,0 +1,386 @@
+"""Direct loading: a Llama or Qwen2 folder read straight from its files, for the fast engine, without transformers.
+
+Why not transformers here: importing transformers 5.17 took 3.3-4.4 s of every ``posttrain eval`` start on
+the GPU machines we measure on (its tokenizer classes pull in scikit-learn, ``torch._dynamo`` and sympy;
+BENCHMARKS.md), longer than everything else before the first token together. The fast engine needs of a model
+only its weights, held in modules named as transformers names them (it runs its own forward,
+``model_adapter``), and of a tokenizer only the Rust tokenizer of ``tokenizers`` and the chat template: this
+module builds both from a folder's ``config.json``, safetensors, ``tokenizer.json`` and
+``tokenizer_config.json`` / ``chat_template.jinja``, with ``safetensors``, ``tokenizers`` and ``jinja2``.
+
+``plan`` says whether a folder can be read this way, from its small files alone, and returns None for
+anything it does not read exactly as transformers does: another architecture, rope scaling, biases or
+activations other than the architecture's, a quantized, adapter or remote-code folder, weights whose names or
+shapes are not the architecture's, a tokenizer class that rebuilds its pipeline, clean-up of decoded spaces,
+a chat template with generation blocks. Those load through transformers, as before. Tests hold the two ways
+to the same token ids, chat text, logits and greedy completions (tests/test_direct.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from posttrain.utils import read_json_object
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Tokenizer classes that transformers 5 builds from tokenizer.json as it is (Qwen2Tokenizer rebuilds its
+# pipeline from the vocabulary with the same normalizer and pre-tokenizer that its saved tokenizer.json holds;
+# tests and the GPU benchmark compare the ids). Others (Llama's and GPT-2's own classes, which add BOS/prefix
+# space by flags) go through transformers.
+TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast"}
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------------------------ tokenizer --
+class DirectTokenizer:
+    """What posttrain asks of a tokenizer (encode, decode, chat template, special tokens), on tokenizers' Rust
+    tokenizer as transformers' ``TokenizersBackend`` calls it."""
+
+    def __init__(self, backend, config: dict, chat_template: str | None, name_or_path: str = ""):
+        self.backend, self.chat_template, self.name_or_path = backend, chat_template, name_or_path
+        self.padding_side = "left"
+        self.special_tokens_map = {k: t for k in SPECIAL_NAMES if (t := _token_text(config.get(k)))}
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        self.extra_special_tokens = [t for t in map(_token_text, extra if isinstance(extra, list) else []) if t]
+        self._template = None
+
+    def _id(self, name: str) -> int | None:
+        text = self.special_tokens_map.get(name)
+        return None if text is None else self.backend.token_to_id(text)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens_map.get("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens_map.get("pad_token")
+
+    @pad_token.setter
+    def pad_token(self, text: str) -> None:
+        self.special_tokens_map["pad_token"] = text
+
+    eos_token_id = property(lambda self: self._id("eos_token"))
+    pad_token_id = property(lambda self: self._id("pad_token"))
+    bos_token_id = property(lambda self: self._id("bos_token"))
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens]))
+
+    @property
+    def added_tokens_decoder(self) -> dict:
+        return self.backend.get_added_tokens_decoder()
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
+        """``{"input_ids": ...}`` of one text or a list of them."""
+        self.backend.encode_special_tokens = split_special_tokens
+        if isinstance(text, str):
+            return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in self.backend.encode_batch(list(text), add_special_tokens=add_special_tokens)]}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        """The chat rendered as transformers renders it: jinja2's immutable sandbox, blocks trimmed,
+        ``loopcontrols``, a ``tojson`` that leaves non-ASCII as it is, ``raise_exception`` and
+        ``strftime_now``, the special tokens as variables."""
+        if tokenize:
+            raise NotImplementedError("DirectTokenizer.apply_chat_template renders text only (tokenize=False)")
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return self._template.render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens_map)
+
+
+def _compile(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+# ---------------------------------------------------------------------------------------- model --
+class DirectRMSNorm(nn.Module):
+    """weight · x / rms(x), the mean of squares taken in fp32 and the result cast back before the weight,
+    the rounding of Llama's and Qwen2's norms (``model_adapter.RMS_NORMS`` fuses it)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class DirectRotary(nn.Module):
+    """The default rotary embedding: cos/sin [n, T, d] of positions [n, T], computed in fp32."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [n, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, c, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        d = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * d, c.hidden_size, bias=o_bias)
+        self.scaling = d ** -0.5
+
+
+class _MLP(nn.Module):
+    def __init__(self, c, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=bias)
+        self.act_fn = nn.functional.silu
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, c, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
+        super().__init__()
+        self.self_attn = _Attention(c, qkv_bias, o_bias)
+        self.mlp = _MLP(c, mlp_bias)
+        self.input_layernorm = DirectRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = DirectRMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class DirectCausalLM(nn.Module):
+    """The modules of a Llama / Qwen2 causal LM under transformers' names (``model.layers.0.self_attn.q_proj``,
+    ``lm_head``), holding its weights for the fast engine, which computes the forward itself; no ``forward`` or
+    ``generate`` of its own."""
+
+    def __init__(self, config: SimpleNamespace, biases: tuple[bool, bool, bool], generation_config: SimpleNamespace):
+        super().__init__()
+        self.config, self.generation_config = config, generation_config
+        c = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(_Layer(c, *biases) for _ in range(c.num_hidden_layers))
+        self.model.norm = DirectRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.model.rotary_emb = DirectRotary(c.head_dim, c.rope_theta)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------- plan --
+@dataclass(frozen=True)
+class DirectFolder:
+    """A folder ``plan`` found readable directly: what to build and from which files."""
+
+    path: Path
+    config: SimpleNamespace
+    biases: tuple[bool, bool, bool]
+    """q/k/v, o and MLP projections with a bias."""
+    weight_files: tuple[Path, ...]
+    tokenizer_config: dict
+    chat_template: str | None
+    eos_token_id: int | list[int] | None
+
+    def tokenizer(self) -> DirectTokenizer:
+        from tokenizers import Tokenizer
+
+        tok = DirectTokenizer(Tokenizer.from_file(str(self.path / "tokenizer.json")), self.tokenizer_config,
+                              self.chat_template, str(self.path))
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # as load_tokenizer does
+        return tok
+
+    def model(self, dtype: torch.dtype, device: torch.device) -> DirectCausalLM:
+        """The model with its weights, read straight onto ``device`` and cast to ``dtype``, in eval mode."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from posttrain.errors import PosttrainError
+
+        with torch.device("meta"):
+            model = DirectCausalLM(self.config, self.biases, SimpleNamespace(eos_token_id=self.eos_token_id))
+        state = {}
+        try:
+            for f in self.weight_files:
+                state.update(load_file(str(f), device=str(device)))
+        except (OSError, SafetensorError) as e:
+            raise PosttrainError(f"could not read the weights in {self.path}: {str(e).strip().splitlines()[0][:160]}; the files "
+                                 "are damaged or incomplete: copy or fetch the model again") from None
+        tied = self.config.tie_word_embeddings
+        state = {k: v.to(dtype) for k, v in state.items()
+                 if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+        model.load_state_dict(state, strict=not tied, assign=True)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = DirectRotary(self.config.head_dim, self.config.rope_theta).to(device)
+        model.requires_grad_(False)
+        return model.eval()
+
+
+def plan(path: str, *, engine: str = "auto", trust_remote_code: bool = False) -> DirectFolder | None:
+    """The folder at ``path`` as a ``DirectFolder`` when posttrain can read it without transformers, the same
+    way transformers reads it (see the module docstring); None to load it through transformers."""
+    folder = Path(path)
+    try:
+        import posttrain.engine.fast  # noqa: F401  (the only engine that runs a DirectCausalLM)
+    except ImportError:
+        return None
+    if engine == "hf" or trust_remote_code or not folder.is_dir() or (folder / "adapter_config.json").exists():
+        return None
+    cfg, tcfg = read_json_object(folder / "config.json"), read_json_object(folder / "tokenizer_config.json")
+    if cfg is None or tcfg is None or not (folder / "tokenizer.json").is_file():
+        return None
+    config = _model_config(cfg)
+    if config is None or tcfg.get("tokenizer_class") not in TOKENIZER_CLASSES or tcfg.get("clean_up_tokenization_spaces"):
+        return None
+    template = _chat_template(folder, tcfg)
+    if template is not None and ("{% generation" in template or "{%- generation" in template):
+        return None
+    mt = config.model_type
+    biases = (True, False, False) if mt == "qwen2" else (bool(cfg.get("attention_bias")), bool(cfg.get("attention_bias")),
+                                                         bool(cfg.get("mlp_bias")))
+    files = _weight_files(folder)
+    if not files or not _weights_match(files, config, biases):
+        return None
+    gen = read_json_object(folder / "generation_config.json") or {}
+    return DirectFolder(folder, config, biases, files, tcfg, template, gen.get("eos_token_id", cfg.get("eos_token_id")))
+
+
+def _model_config(cfg: dict) -> SimpleNamespace | None:
+    mt = cfg.get("model_type")
+    if mt not in ARCHITECTURES or cfg.get("architectures") not in (None, [ARCHITECTURES[mt]]):
+        return None
+    if cfg.get("quantization_config") or cfg.get("auto_map") or cfg.get("hidden_act", "silu") != "silu":
+        return None
+    if mt == "qwen2" and cfg.get("use_sliding_window"):
+        return None
+    if any(t != "full_attention" for t in cfg.get("layer_types") or []):
+        return None
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type"}:
+        return None
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        c = SimpleNamespace(
+            model_type=mt, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]), num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))), hidden_act="silu",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg["max_position_embeddings"]),  # base.py bounds the token budget by it
+            sliding_window=None, use_sliding_window=False,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not all(math.isfinite(x) and x > 0 for x in (c.rms_norm_eps, c.rope_theta)):
+        return None
+    return c
+
+
+def _chat_template(folder: Path, tcfg: dict) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = tcfg.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return (single,)
+    index = read_json_object(folder / "model.safetensors.index.json")
+    names = sorted(set((index or {}).get("weight_map", {}).values()))
+    files = tuple(folder / n for n in names)
+    return files if files and all(f.is_file() and f.parent == folder for f in files) else ()
+
+
+def _expected_shapes(c: SimpleNamespace, biases: tuple[bool, bool, bool]) -> dict[str, tuple[int, ...]]:
+    d, hq, hkv, dm, di = c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, dm), "model.norm.weight": (dm,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, dm)
+    proj = {"self_attn.q_proj": (hq * d, dm, biases[0]), "self_attn.k_proj": (hkv * d, dm, biases[0]),
+            "self_attn.v_proj": (hkv * d, dm, biases[0]), "self_attn.o_proj": (dm, hq * d, biases[1]),
+            "mlp.gate_proj": (di, dm, biases[2]), "mlp.up_proj": (di, dm, biases[2]), "mlp.down_proj": (dm, di, biases[2])}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (dm,)
+        for name, (out, inp, bias) in proj.items():
+            shapes[f"{p}{name}.weight"] = (out, inp)
+            if bias:
+                shapes[f"{p}{name}.bias"] = (out,)
+    return shapes
+
+
+def _weights_match(files: tuple[Path, ...], c: SimpleNamespace, biases: tuple[bool, bool, bool]) -> bool:
+    """Whether the files hold exactly the architecture's tensors, in floating dtypes (headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, tuple[int, ...]] = {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    if sl.get_dtype() not in ("BF16", "F16", "F32"):
+                        return False
+                    found[k] = tuple(sl.get_shape())
+    except (OSError, SafetensorError, ValueError):
+        return False
+    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    if c.tie_word_embeddings:
+        found.pop("lm_head.weight", None)
+    return found == _expected_shapes(c, biases)
