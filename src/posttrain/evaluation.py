@@ -11,6 +11,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,14 +250,18 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     # A plain Llama / Qwen2 folder loads without transformers (whose import alone costs seconds), else through it.
     loaded_here = model is None
     direct = _direct_plan(cfg) if model is None and tokenizer is None else None
-    if tokenizer is None:
-        tokenizer = direct.tokenizer() if direct else load_tokenizer(cfg.model, cfg.trust_remote_code)
-    phases["task_and_tokenizer"] = process_age_s()
-    if model is None:
-        if direct:
-            dev = resolve_device(cfg.device)
-            model = direct.model(resolve_dtype(cfg.dtype, dev), dev)
-        else:
+    if direct:  # the weights go to the device in a thread while the tokenizer loads (reads and copies let go of the GIL)
+        dev = resolve_device(cfg.device)
+        with ThreadPoolExecutor(1, thread_name_prefix="posttrain-weights") as pool:
+            weights = pool.submit(direct.model, resolve_dtype(cfg.dtype, dev), dev)
+            tokenizer = direct.tokenizer()
+            phases["task_and_tokenizer"] = process_age_s()
+        model = weights.result()
+    else:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        phases["task_and_tokenizer"] = process_age_s()
+        if model is None:
             model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     phases["model"] = process_age_s()
     engine = make_engine(cfg.engine, model, tokenizer, cfg.batch_size)

@@ -166,23 +166,39 @@ class DirectRotary(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+class _Linear(nn.Linear):
+    """``nn.Linear`` built without initialising its weights: they are built on the meta device and then
+    replaced by the folder's, and initialising a meta tensor runs PyTorch's reference implementation, whose first
+    call imports ``torch._dynamo`` (0.5-1 s of a start-up)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _Embedding(nn.Embedding):
+    """``nn.Embedding`` built without initialising its weights (see ``_Linear``)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class _Attention(nn.Module):
     def __init__(self, c, qkv_bias: bool, o_bias: bool):
         super().__init__()
         d = c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * d, bias=qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
-        self.o_proj = nn.Linear(c.num_attention_heads * d, c.hidden_size, bias=o_bias)
+        self.q_proj = _Linear(c.hidden_size, c.num_attention_heads * d, bias=qkv_bias)
+        self.k_proj = _Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.v_proj = _Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.o_proj = _Linear(c.num_attention_heads * d, c.hidden_size, bias=o_bias)
         self.scaling = d ** -0.5
 
 
 class _MLP(nn.Module):
     def __init__(self, c, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=bias)
+        self.gate_proj = _Linear(c.hidden_size, c.intermediate_size, bias=bias)
+        self.up_proj = _Linear(c.hidden_size, c.intermediate_size, bias=bias)
+        self.down_proj = _Linear(c.intermediate_size, c.hidden_size, bias=bias)
         self.act_fn = nn.functional.silu
 
     def forward(self, x):
@@ -203,16 +219,17 @@ class DirectCausalLM(nn.Module):
     ``lm_head``), holding its weights for the fast engine, which computes the forward itself; no ``forward`` or
     ``generate`` of its own."""
 
-    def __init__(self, config: SimpleNamespace, biases: tuple[bool, bool, bool], generation_config: SimpleNamespace):
+    def __init__(self, config: SimpleNamespace, biases: tuple[bool, bool, bool], generation_config: SimpleNamespace,
+                 rotary: DirectRotary):
         super().__init__()
         self.config, self.generation_config = config, generation_config
         c = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.embed_tokens = _Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(_Layer(c, *biases) for _ in range(c.num_hidden_layers))
         self.model.norm = DirectRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.model.rotary_emb = DirectRotary(c.head_dim, c.rope_theta)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.model.rotary_emb = rotary  # built off the meta device: its arithmetic there would import torch._dynamo
+        self.lm_head = _Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -247,8 +264,9 @@ class DirectFolder:
 
         from posttrain.errors import PosttrainError
 
+        rotary = DirectRotary(self.config.head_dim, self.config.rope_theta).to(device)
         with torch.device("meta"):
-            model = DirectCausalLM(self.config, self.biases, SimpleNamespace(eos_token_id=self.eos_token_id))
+            model = DirectCausalLM(self.config, self.biases, SimpleNamespace(eos_token_id=self.eos_token_id), rotary)
         state = {}
         try:
             for f in self.weight_files:
@@ -262,7 +280,6 @@ class DirectFolder:
         model.load_state_dict(state, strict=not tied, assign=True)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary_emb = DirectRotary(self.config.head_dim, self.config.rope_theta).to(device)
         model.requires_grad_(False)
         return model.eval()
 
