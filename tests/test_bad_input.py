@@ -40,6 +40,13 @@ CASES = [
     ("eval zero-byte weights", ["eval", "--model", "{F}/zero", "--limit", "2"], "could not read the weights"),
     ("eval flipped header", ["eval", "--model", "{F}/flipped", "--limit", "2"], "could not read the weights"),
     ("rl truncated weights", ["rl", "--model", "{F}/truncated", "--output", "out", "--max-steps", "1"], "could not read the weights"),
+    ("eval damaged tokenizer.json", ["eval", "--model", "{F}/tokenizer_garbage", "--limit", "2"], "tokenizer.json: expected value"),
+    ("eval config of the wrong types", ["eval", "--model", "{F}/config_types", "--limit", "2"], "Field 'vocab_size' expected int"),
+    ("eval config with a zero head count", ["eval", "--model", "{F}/config_heads0", "--limit", "2"], "ZeroDivisionError"),
+    ("eval tokenizer config not an object", ["eval", "--model", "{F}/tokenizer_config_list", "--limit", "2"],
+     "could not load the tokenizer"),
+    ("eval generation config eos not an id", ["eval", "--model", "{F}/generation_eos", "--limit", "2"],
+     "generation_config.json gives eos_token_id 'x'"),
     ("eval missing model", ["eval", "--model", "{F}/nope", "--limit", "2"], "is not a local folder"),
     ("eval missing gguf", ["eval", "--model", "{F}/nope.gguf"], "GGUF file not found"),
     ("eval named model not fetched", ["eval", "--model", "smollm2-135m-instruct"], "posttrain fetch smollm2-135m-instruct"),
@@ -187,6 +194,14 @@ def fixtures(tmp_path_factory, tiny_model_dir):
                        ("flipped", bytes([weights[0] ^ 0xFF, weights[1] ^ 0xFF]) + weights[2:])):
         shutil.copytree(tiny_model_dir, f / name)
         (f / name / "model.safetensors").write_bytes(data)
+    for name, file, text in (("tokenizer_garbage", "tokenizer.json", "garbage{"), ("tokenizer_config_list", "tokenizer_config.json", "[1, 2]"),
+                             ("generation_eos", "generation_config.json", '{"eos_token_id": "x"}')):
+        shutil.copytree(tiny_model_dir, f / name)
+        (f / name / file).write_text(text)
+    for name, changes in (("config_types", {"vocab_size": "2048x"}), ("config_heads0", {"num_attention_heads": 0, "head_dim": None})):
+        shutil.copytree(tiny_model_dir, f / name)
+        config = json.loads((f / name / "config.json").read_text())
+        (f / name / "config.json").write_text(json.dumps({**config, **changes}))
     train(SFTConfig(model=str(f / "model"), output=str(f / "finished_run"), max_steps=1, train_limit=8, per_device_batch_size=2,
                     gradient_accumulation_steps=1, eval_steps=0, report_to=[], max_len=300, save_steps=1))
     _issue_23_fixtures(f)

@@ -87,11 +87,11 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(int(x) for x in gen_eos)
-    return ids
+    listed = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos else []
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in listed):
+        raise PosttrainError(f"the model's generation_config.json gives eos_token_id {gen_eos!r}: it must be a token id "
+                             "or a list of them; fix or delete that file")
+    return ids | set(listed)
 
 
 class Engine:

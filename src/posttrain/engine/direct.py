@@ -251,8 +251,14 @@ class DirectFolder:
     def tokenizer(self) -> DirectTokenizer:
         from tokenizers import Tokenizer
 
-        tok = DirectTokenizer(Tokenizer.from_file(str(self.path / "tokenizer.json")), self.tokenizer_config,
-                              self.chat_template, str(self.path))
+        from posttrain.errors import PosttrainError
+
+        try:
+            backend = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise PosttrainError(f"could not read {self.path / 'tokenizer.json'}: {str(e).strip()[:160]}; the file is damaged: "
+                                 "copy or fetch the model again") from None
+        tok = DirectTokenizer(backend, self.tokenizer_config, self.chat_template, str(self.path))
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token  # as load_tokenizer does
         return tok
@@ -300,7 +306,10 @@ def plan(path: str, *, engine: str = "auto", trust_remote_code: bool = False) ->
     config = _model_config(cfg)
     if config is None or tcfg.get("tokenizer_class") not in TOKENIZER_CLASSES or tcfg.get("clean_up_tokenization_spaces"):
         return None
-    template = _chat_template(folder, tcfg)
+    try:
+        template = _chat_template(folder, tcfg)
+    except (OSError, UnicodeDecodeError):
+        return None  # transformers' loading says what is wrong with it
     if template is not None and ("{% generation" in template or "{%- generation" in template):
         return None
     mt = config.model_type
@@ -310,7 +319,14 @@ def plan(path: str, *, engine: str = "auto", trust_remote_code: bool = False) ->
     if not files or not _weights_match(files, config, biases):
         return None
     gen = read_json_object(folder / "generation_config.json") or {}
-    return DirectFolder(folder, config, biases, files, tcfg, template, gen.get("eos_token_id", cfg.get("eos_token_id")))
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))):
+        return None
+    return DirectFolder(folder, config, biases, files, tcfg, template, eos)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _model_config(cfg: dict) -> SimpleNamespace | None:
@@ -324,6 +340,8 @@ def _model_config(cfg: dict) -> SimpleNamespace | None:
     if any(t != "full_attention" for t in cfg.get("layer_types") or []):
         return None
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or not isinstance(cfg.get("layer_types") or [], list):
+        return None
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type"}:
         return None
     try:
@@ -339,7 +357,7 @@ def _model_config(cfg: dict) -> SimpleNamespace | None:
             max_position_embeddings=int(cfg["max_position_embeddings"]),  # base.py bounds the token budget by it
             sliding_window=None, use_sliding_window=False,
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
     if not all(math.isfinite(x) and x > 0 for x in (c.rms_norm_eps, c.rope_theta)):
         return None

@@ -68,6 +68,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def _first_line(e: Exception) -> str:
+    """``Type: the first line of the message``, short, for a one-line error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[:2])[:200]}" if lines else type(e).__name__
+
+
 def _not_found(name: str, e: Exception) -> PosttrainError:
     hint = "pass a local folder that holds config.json and weights (e.g. --model models/nano-gsm)"
     if Path(name).exists():
@@ -102,6 +108,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
         raise _not_found(name, e) from None
     except (UnicodeDecodeError, KeyError, RuntimeError, EOFError) as e:
         raise PosttrainError(f"could not read the tokenizer of {name}: {type(e).__name__}; the files are damaged") from None
+    except Exception as e:  # a config or tokenizer file transformers cannot make sense of (wrong types, wrong values)
+        raise PosttrainError(f"could not load the tokenizer of {name}: {_first_line(e)}; its config.json or tokenizer files "
+                             "are damaged or not ones transformers reads") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise PosttrainError(f"tokenizer of {name!r} has neither a pad nor an EOS token")
@@ -176,6 +185,9 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
             why = "tensor shapes differ from the model's config.json"
         raise PosttrainError(f"could not read the weights of {name}: {type(e).__name__}: {why}; "
                              "the files are damaged or incomplete: copy or fetch the model again") from None
+    except Exception as e:  # a config.json transformers cannot make sense of (wrong types, wrong values)
+        raise PosttrainError(f"could not read the model files of {name}: {_first_line(e)}; check its config.json, or copy "
+                             "or fetch the model again") from None
     check_loaded(model, info, name)
     if not placed_at_load:
         model.to(dev)
