@@ -77,36 +77,129 @@ def test_nano_weights_and_greedy_match_transformers():
     assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
 
 
-def test_qwen2_shape_with_biases_and_own_head(tmp_path, tiny_tokenizer):
-    """Qwen2: q/k/v biases, an untied lm_head, a bf16 file read into fp32."""
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen2_folder(path, add_prefix_space=None):
+    """A Qwen2 folder as Qwen2.5's are: a byte-level BPE tokenizer.json with no normalizer (transformers gives a
+    qwen2 folder its own Qwen2Tokenizer pipeline), q/k/v biases, an untied lm_head, bf16 weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from conftest import _corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(200), trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    tcfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+            "clean_up_tokenization_spaces": False, "chat_template": QWEN_TEMPLATE}
+    if add_prefix_space is not None:
+        tcfg["add_prefix_space"] = add_prefix_space
+    (path / "tokenizer_config.json").write_text(json.dumps(tcfg))
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.3,
-                      eos_token_id=tiny_tokenizer.eos_token_id, rope_theta=1e6)
-    hf = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
-    for layer in hf.model.layers:
+                      eos_token_id=tok.token_to_id("<|im_end|>"), rope_theta=1e6)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    for layer in model.model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             torch.nn.init.normal_(proj.bias, std=0.5)  # zero biases would not show a bias left out
-    hf.save_pretrained(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    folder = plan(str(tmp_path))
+    model.save_pretrained(path)
+    return path
+
+
+TRICKY = ["cafe\u0301 and caf\u00e9", "\r\n\r\n  x", "  two leading spaces", "x <|im_end|> y", "\u212b \ufb01 \uff21 \u2460",
+          "tab\there", "a\u0308o\u0301", "<|endoftext|>hi", "It's 12,345.67 dollars!", "\u4f60\u597d \U0001f600"]
+
+
+@pytest.mark.parametrize("add_prefix_space", [None, True])
+def test_qwen2_tokenizer_as_transformers_builds_it(tmp_path, add_prefix_space):
+    folder = plan(str(_qwen2_folder(tmp_path / "q", add_prefix_space)))
+    direct, hf = folder.tokenizer(), load_tokenizer(str(folder.path))
+    for text in TRICKY:
+        for add in (True, False):
+            assert direct(text, add_special_tokens=add)["input_ids"] == list(hf(text, add_special_tokens=add)["input_ids"]), text
+    task = make_task("gsm8k", prompt_style="chat", data_dir=str(GSM8K_DIR))
+    examples = task.examples("test", 100)
+    texts = [task.prompt_text(e, direct) for e in examples]
+    assert texts == [task.prompt_text(e, hf) for e in examples]
+    assert task.encode_prompts(examples, direct, texts) == task.encode_prompts(examples, hf, texts)
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = [rng.randrange(len(hf)) for _ in range(rng.randrange(1, 40))]
+        for skip in (True, False):
+            assert direct.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert (direct.eos_token_id, direct.pad_token_id, len(direct)) == (hf.eos_token_id, hf.pad_token_id, len(hf))
+    assert sorted(direct.all_special_tokens) == sorted(hf.all_special_tokens)
+
+
+def test_qwen2_shape_with_biases_and_own_head(tmp_path):
+    """Qwen2: q/k/v biases, an untied lm_head, a bf16 file read into fp32; the same greedy completions."""
+    folder = plan(str(_qwen2_folder(tmp_path / "q")))
     assert folder is not None and folder.biases == (True, False, False)
     direct = folder.model(torch.float32, torch.device("cpu"))
-    hf = load_model(str(tmp_path), "fp32", "cpu")
+    hf = load_model(str(folder.path), "fp32", "cpu")
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in hf.state_dict().items())
     assert direct.lm_head.weight is not direct.model.embed_tokens.weight
-    tok = folder.tokenizer()
-    prompts = make_task("gsm8k", data_dir=str(GSM8K_DIR)).encode_prompts(
-        make_task("gsm8k", data_dir=str(GSM8K_DIR)).examples("test", 6), tok)
+    tok, hf_tok = folder.tokenizer(), load_tokenizer(str(folder.path))
+    task = make_task("gsm8k", prompt_style="chat", data_dir=str(GSM8K_DIR))
+    examples = task.examples("test", 6)
+    prompts = task.encode_prompts(examples, tok)
+    assert prompts == task.encode_prompts(examples, hf_tok)
     params = SamplingParams(max_new_tokens=24)
     a = FastEngine(direct, tok, 6).generate(prompts, params)
-    b = FastEngine(hf, load_tokenizer(str(tmp_path)), 6).generate(prompts, params)
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    b = FastEngine(hf, hf_tok, 6).generate(prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b] and [c.text for c in a] == [c.text for c in b]
     assert len({tuple(c.token_ids) for c in a}) > 1  # varied outputs, not one constant token
-    _edit_json(tmp_path / "config.json", use_sliding_window=True, sliding_window=16)
-    assert plan(str(tmp_path)) is None  # the fast engine's attention has no window
+    _edit_json(folder.path / "config.json", use_sliding_window=True, sliding_window=16)
+    assert plan(str(folder.path)) is None  # the fast engine's attention has no window
+
+
+def test_a_tokenizer_transformers_would_change_is_left_to_it(tmp_path, tiny_model_dir):
+    """Under a qwen2 config transformers rebuilds the nano tokenizer as a Qwen2Tokenizer (adding <|endoftext|>):
+    the direct model stays, the tokenizer comes from transformers, and the evaluation says so."""
+    from posttrain.evaluation import EvalConfig, run_eval
+
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    _edit_json(d / "tokenizer_config.json", tokenizer_class="Qwen2Tokenizer")
+    assert plan(str(d)).tokenizer() is None
+    res = run_eval(EvalConfig(model=str(d), task="gsm8k", data_dir=str(GSM8K_DIR), limit=2, max_new_tokens=4, device="cpu",
+                              show_samples=0), progress=False)
+    assert res.summary["loader"] == "direct model, transformers tokenizer"
+
+
+def test_named_special_tokens_are_special(tmp_path):
+    """transformers makes every named special token special, whatever tokenizer.json says: so does the direct
+    tokenizer (the decoded text, which is graded, leaves it out)."""
+    d = _copy(NANO, tmp_path / "m")
+    data = json.loads((d / "tokenizer.json").read_text())
+    for t in data["added_tokens"]:
+        t["special"] = t["content"] != "<|eos|>"  # EOS an ordinary added token in tokenizer.json
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    direct, hf = plan(str(d)).tokenizer(), load_tokenizer(str(d))
+    ids = direct("3 apples<|eos|>")["input_ids"]
+    assert ids == list(hf("3 apples<|eos|>")["input_ids"]) and ids[-1] == hf.eos_token_id
+    assert direct.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True) == "3 apples"
+
+
+def test_eos_ids_as_transformers_reads_them(tmp_path, tiny_model_dir):
+    from posttrain.engine.base import eos_token_ids
+
+    for name, gen in (("none named", {"pad_token_id": 0}), ("a list", {"eos_token_id": [2, 3]}), ("absent", None)):
+        d = _copy(tiny_model_dir, tmp_path / name.replace(" ", "_"))
+        _edit_json(d / "config.json", eos_token_id=4)
+        if gen is None:
+            (d / "generation_config.json").unlink()
+        else:
+            (d / "generation_config.json").write_text(json.dumps(gen))
+        folder = plan(str(d))
+        direct, tok = folder.model(torch.float32, torch.device("cpu")), folder.tokenizer()
+        assert eos_token_ids(direct, tok) == eos_token_ids(load_model(str(d), "fp32", "cpu"), load_tokenizer(str(d))), name
 
 
 def _config(**changes):
@@ -164,6 +257,14 @@ FALLBACKS = {
     "generation blocks": _generation_template,
     "chat template not UTF-8": lambda d: (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}"),
     "rope parameters not an object": _config(rope_parameters="default"),
+    "legacy special_tokens_map.json": lambda d: (d / "special_tokens_map.json").write_text('{"eos_token": "<|im_end|>"}'),
+    "split_special_tokens by default": _tokenizer_config(split_special_tokens=True),
+    "add_bos_token set": _tokenizer_config(add_bos_token=False),
+    "named chat templates": _tokenizer_config(chat_template=[{"name": "default", "template": "{{ messages }}"}]),
+    "layer_types not a list": _config(layer_types=5),
+    "tokenizer_class not a name": _tokenizer_config(tokenizer_class=["TokenizersBackend"]),
+    "weight index of the wrong shape": lambda d: (d / "model.safetensors").rename(d / "model-1.safetensors")
+    or (d / "model.safetensors.index.json").write_text('{"weight_map": ["model-1.safetensors"]}'),
     "eos id not an id": lambda d: (d / "generation_config.json").write_text('{"eos_token_id": "x"}'),
     "adapter folder": lambda d: (d / "adapter_config.json").write_text("{}"),
     "a tensor too many": _extra_tensor,

@@ -248,15 +248,20 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     examples = task.examples(cfg.split, cfg.limit)
     params = cfg.sampling(task)
     # A plain Llama / Qwen2 folder loads without transformers (whose import alone costs seconds), else through it.
-    loaded_here = model is None
+    loader = "transformers" if model is None else "given"
     direct = _direct_plan(cfg) if model is None and tokenizer is None else None
     if direct:  # the weights go to the device in a thread while the tokenizer loads (reads and copies let go of the GIL)
-        dev = resolve_device(cfg.device)
-        with ThreadPoolExecutor(1, thread_name_prefix="posttrain-weights") as pool:
+        loader, dev = "direct", resolve_device(cfg.device)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="posttrain-weights")
+        try:
             weights = pool.submit(direct.model, resolve_dtype(cfg.dtype, dev), dev)
             tokenizer = direct.tokenizer()
+            if tokenizer is None:  # one this module cannot tell it would build as transformers does
+                loader, tokenizer = "direct model, transformers tokenizer", load_tokenizer(cfg.model, cfg.trust_remote_code)
             phases["task_and_tokenizer"] = process_age_s()
-        model = weights.result()
+            model = weights.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # an error here is said without waiting for the weights
     else:
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -267,7 +272,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
     engine = make_engine(cfg.engine, model, tokenizer, cfg.batch_size)
     result = evaluate(task, examples, engine, tokenizer, params, progress=progress)
     result.summary["model"] = cfg.model
-    result.summary["loader"] = "direct" if direct else ("transformers" if loaded_here else "given")
+    result.summary["loader"] = loader
     # From process start, as a user waits: when each phase ended, the first token, the end.
     result.summary["first_token_s_from_process_start"] = engine.first_token_s
     result.summary["phases_end_s_from_process_start"] = phases

@@ -12,8 +12,12 @@ module builds both from a folder's ``config.json``, safetensors, ``tokenizer.jso
 anything it does not read exactly as transformers does: another architecture, rope scaling, biases or
 activations other than the architecture's, a quantized, adapter or remote-code folder, weights whose names or
 shapes are not the architecture's, a tokenizer class that rebuilds its pipeline, clean-up of decoded spaces,
-a chat template with generation blocks. Those load through transformers, as before. Tests hold the two ways
-to the same token ids, chat text, logits and greedy completions (tests/test_direct.py).
+a chat template with generation blocks, tokenizer settings transformers applies on its own (``add_bos_token``,
+``split_special_tokens``, a legacy ``special_tokens_map.json``). Those load through transformers, as before.
+``DirectFolder.tokenizer`` builds what transformers 5 builds, Qwen2's own normalizer and pre-tokenizer included,
+or returns None (then transformers builds the tokenizer beside the direct model). Tests hold the two ways to the
+same token ids, chat text, weights and greedy completions (tests/test_direct.py); bench/direct_agreement.py does on
+a real model.
 """
 
 from __future__ import annotations
@@ -234,6 +238,38 @@ class DirectCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+"""The pre-tokenizer's split of transformers 5's ``Qwen2Tokenizer`` (``PRETOKENIZE_REGEX``)."""
+
+
+def _qwen2_pipeline(backend, add_prefix_space: bool) -> bool:
+    """Give ``backend`` the normalizer, pre-tokenizer and decoder that transformers 5's ``Qwen2Tokenizer`` builds
+    around a byte-level BPE model; False where tokenizer.json's model is not one it would rebuild the same."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    model = backend.model
+    if not isinstance(model, BPE) or model.byte_fallback or model.dropout or model.continuing_subword_prefix \
+            or model.end_of_word_suffix or model.fuse_unk:
+        return False
+    if _adds_tokens(backend.post_processor):
+        return False  # Qwen2Tokenizer's own post-processor adds none
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return True
+
+
+def _adds_tokens(post) -> bool:
+    """Whether a post-processor adds tokens to an encoding (a template with special tokens, or one of another kind)."""
+    if post is None or type(post).__name__ == "ByteLevel":
+        return False
+    state = json.loads(post.__getstate__())
+    return not (state.get("type") == "TemplateProcessing" and not state.get("special_tokens"))
+
+
 # ----------------------------------------------------------------------------------------- plan --
 @dataclass(frozen=True)
 class DirectFolder:
@@ -248,8 +284,10 @@ class DirectFolder:
     chat_template: str | None
     eos_token_id: int | list[int] | None
 
-    def tokenizer(self) -> DirectTokenizer:
-        from tokenizers import Tokenizer
+    def tokenizer(self) -> DirectTokenizer | None:
+        """The tokenizer as transformers 5 builds it from this folder, or None where this module cannot tell
+        that it would be the same (then transformers loads it)."""
+        from tokenizers import AddedToken, Tokenizer
 
         from posttrain.errors import PosttrainError
 
@@ -258,7 +296,20 @@ class DirectFolder:
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
             raise PosttrainError(f"could not read {self.path / 'tokenizer.json'}: {str(e).strip()[:160]}; the file is damaged: "
                                  "copy or fetch the model again") from None
-        tok = DirectTokenizer(backend, self.tokenizer_config, self.chat_template, str(self.path))
+        config = dict(self.tokenizer_config)
+        if self.config.model_type == "qwen2" or str(config.get("tokenizer_class")).startswith("Qwen2Tokenizer"):
+            # transformers gives every qwen2 folder its Qwen2Tokenizer, whatever tokenizer_config.json names: the
+            # vocabulary and merges of tokenizer.json, its own normalizer, pre-tokenizer and decoder, and
+            # <|endoftext|> for an unk, EOS and pad token the config does not name.
+            if not _qwen2_pipeline(backend, bool(config.get("add_prefix_space"))):
+                return None
+            for name in ("unk_token", "eos_token", "pad_token"):
+                config.setdefault(name, "<|endoftext|>")
+        tok = DirectTokenizer(backend, config, self.chat_template, str(self.path))
+        if any(backend.token_to_id(t) is None for t in tok.all_special_tokens):
+            return None  # transformers would add it to the vocabulary
+        # transformers (``_post_init``) makes every named and extra special token special, whatever tokenizer.json says
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.all_special_tokens])
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token  # as load_tokenizer does
         return tok
@@ -273,16 +324,19 @@ class DirectFolder:
         rotary = DirectRotary(self.config.head_dim, self.config.rope_theta).to(device)
         with torch.device("meta"):
             model = DirectCausalLM(self.config, self.biases, SimpleNamespace(eos_token_id=self.eos_token_id), rotary)
+        tied = self.config.tie_word_embeddings
         state = {}
         try:
             for f in self.weight_files:
-                state.update(load_file(str(f), device=str(device)))
+                for k, v in load_file(str(f), device=str(device)).items():  # cast a file at a time, not all at once
+                    if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight"):
+                        state[k] = v.to(dtype)
         except (OSError, SafetensorError) as e:
             raise PosttrainError(f"could not read the weights in {self.path}: {str(e).strip().splitlines()[0][:160]}; the files "
                                  "are damaged or incomplete: copy or fetch the model again") from None
-        tied = self.config.tie_word_embeddings
-        state = {k: v.to(dtype) for k, v in state.items()
-                 if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+        except torch.OutOfMemoryError:
+            raise PosttrainError(f"the weights of {self.path} do not fit in {device}'s free memory in {dtype}: free it, or "
+                                 "choose another --device or a smaller --dtype") from None
         model.load_state_dict(state, strict=not tied, assign=True)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -300,12 +354,26 @@ def plan(path: str, *, engine: str = "auto", trust_remote_code: bool = False) ->
         return None
     if engine == "hf" or trust_remote_code or not folder.is_dir() or (folder / "adapter_config.json").exists():
         return None
+    try:
+        return _plan(folder)
+    except (TypeError, ValueError, AttributeError, KeyError):  # an entry of an unexpected type: transformers says what
+        return None
+
+
+def _plan(folder: Path) -> DirectFolder | None:
     cfg, tcfg = read_json_object(folder / "config.json"), read_json_object(folder / "tokenizer_config.json")
     if cfg is None or tcfg is None or not (folder / "tokenizer.json").is_file():
         return None
     config = _model_config(cfg)
     if config is None or tcfg.get("tokenizer_class") not in TOKENIZER_CLASSES or tcfg.get("clean_up_tokenization_spaces"):
         return None
+    if tcfg.get("split_special_tokens") or not isinstance(tcfg.get("chat_template", ""), (str, type(None))):
+        return None  # a default transformers applies to every call; a list of named templates
+    if "add_bos_token" in tcfg or "add_eos_token" in tcfg:
+        return None  # transformers may rebuild tokenizer.json's post-processor from these
+    legacy = [f for f in ("special_tokens_map.json", "added_tokens.json") if (folder / f).exists()]
+    if legacy and "added_tokens_decoder" not in tcfg:
+        return None  # transformers merges those files' tokens into the config's
     try:
         template = _chat_template(folder, tcfg)
     except (OSError, UnicodeDecodeError):
@@ -318,8 +386,9 @@ def plan(path: str, *, engine: str = "auto", trust_remote_code: bool = False) ->
     files = _weight_files(folder)
     if not files or not _weights_match(files, config, biases):
         return None
-    gen = read_json_object(folder / "generation_config.json") or {}
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    gen = read_json_object(folder / "generation_config.json")
+    # transformers: a readable generation_config.json's EOS (none if it names none), else config.json's
+    eos = gen.get("eos_token_id") if gen is not None else cfg.get("eos_token_id")
     if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))):
         return None
     return DirectFolder(folder, config, biases, files, tcfg, template, eos)
@@ -337,10 +406,11 @@ def _model_config(cfg: dict) -> SimpleNamespace | None:
         return None
     if mt == "qwen2" and cfg.get("use_sliding_window"):
         return None
-    if any(t != "full_attention" for t in cfg.get("layer_types") or []):
+    layer_types = cfg.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
         return None
     rope = cfg.get("rope_parameters") or {}
-    if not isinstance(rope, dict) or not isinstance(cfg.get("layer_types") or [], list):
+    if not isinstance(rope, dict):
         return None
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type"}:
         return None
