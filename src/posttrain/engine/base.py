@@ -81,14 +81,20 @@ def finish(tokenizer, prompt_index: int, tokens: list[int], eos_ids: set[int], s
     return Completion(prompt_index, list(tokens), text, reason, logprobs)
 
 
+def listed_token_ids(value) -> list[int] | None:
+    """A config's ``eos_token_id`` (one id, a list of them, or none) as a list; None when it is not that."""
+    listed = list(value) if isinstance(value, (list, tuple)) else [value] if isinstance(value, int) or value else []
+    return listed if all(isinstance(x, int) and not isinstance(x, bool) for x in listed) else None
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     """All ids that end a completion: the tokenizer's EOS and the model's generation_config EOS list."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    listed = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos else []
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in listed):
+    listed = listed_token_ids(gen_eos)
+    if listed is None:
         raise PosttrainError(f"the model's generation_config.json gives eos_token_id {gen_eos!r}: it must be a token id "
                              "or a list of them; fix or delete that file")
     return ids | set(listed)

@@ -32,13 +32,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from posttrain.engine.base import listed_token_ids
 from posttrain.utils import read_json_object
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# Tokenizer classes that transformers 5 builds from tokenizer.json as it is (Qwen2Tokenizer rebuilds its
-# pipeline from the vocabulary with the same normalizer and pre-tokenizer that its saved tokenizer.json holds;
-# tests and the GPU benchmark compare the ids). Others (Llama's and GPT-2's own classes, which add BOS/prefix
-# space by flags) go through transformers.
+# Tokenizer classes read directly: the first two transformers 5 builds from tokenizer.json as it is; Qwen2's
+# (which transformers also gives every qwen2 folder) rebuilds its normalizer, pre-tokenizer and decoder around
+# tokenizer.json's vocabulary, as ``_qwen2_pipeline`` does. Others (Llama's and GPT-2's own classes, which add
+# BOS / a prefix space by flags) go through transformers.
 TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast"}
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -389,13 +390,9 @@ def _plan(folder: Path) -> DirectFolder | None:
     gen = read_json_object(folder / "generation_config.json")
     # transformers: a readable generation_config.json's EOS (none if it names none), else config.json's
     eos = gen.get("eos_token_id") if gen is not None else cfg.get("eos_token_id")
-    if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))):
-        return None
+    if listed_token_ids(eos) is None:
+        return None  # transformers' loading says what is wrong with it
     return DirectFolder(folder, config, biases, files, tcfg, template, eos)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _model_config(cfg: dict) -> SimpleNamespace | None:

@@ -90,8 +90,6 @@ def stage_configs(cfg: PipelineConfig, where: str = "pipeline options"):
     return sft, rl, evals
 
 
-
-
 def _finished(folder: Path, command: str) -> bool:
     """Whether ``folder`` holds a finished ``command`` run that posttrain wrote (its record lists the
     run_state.json that says so)."""
